@@ -1,0 +1,172 @@
+"""From a data folder to train/val/test loaders: discovery, split, decode (cached), augment.
+
+:func:`prepare_data` does the expensive part once and returns a :class:`PreparedData` that a
+study shares across trials; :class:`InspectionDataModule` only wraps it in loaders with the
+batch size and augmentation of one configuration.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import lightning.pytorch as pl
+import numpy as np
+import pandas as pd
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from qi.config import DataConfig, SynthConfig
+from qi.data import synth
+from qi.data.augmentation import build_augmentation
+from qi.data.cache import decode_images
+from qi.data.discovery import DataLayoutError, discover
+from qi.data.preprocessing import PreprocessConfig
+from qi.data.splits import assign_splits, check_classes, subsample
+
+log = logging.getLogger(__name__)
+
+SPLITS = ("train", "val", "test")
+
+
+@dataclass
+class PreparedData:
+    """Split table plus decoded images, aligned row by row."""
+
+    frame: pd.DataFrame  # image_path, label, defect_type, split
+    images: np.ndarray  # (N, H, W, C) uint8
+    root: Path
+    layout: str
+    ok_class: str
+    preprocess: PreprocessConfig
+    skipped: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def digest(self) -> str:
+        """Identifies the data and its split: same files, labels and split -> same digest."""
+        table = self.frame[["image_path", "label", "defect_type", "split"]].copy()
+        table["image_path"] = [str(Path(p).relative_to(self.root)) for p in table["image_path"]]
+        content = table.to_csv(index=False).encode()
+        return hashlib.sha256(content).hexdigest()[:16]
+
+    def split(self, name: str) -> tuple[np.ndarray, np.ndarray]:
+        mask = (self.frame["split"] == name).to_numpy()
+        return self.images[mask], self.frame["label"].to_numpy()[mask]
+
+    def split_frame(self, name: str) -> pd.DataFrame:
+        return self.frame[self.frame["split"] == name].reset_index(drop=True)
+
+    def counts(self) -> pd.DataFrame:
+        """Images per split and class, for logs and run descriptions."""
+        return pd.crosstab(self.frame["split"], self.frame["label"].map({0: "ok", 1: "defective"}))
+
+
+def resolve_data_dir(config: DataConfig, synth_config: SynthConfig, progress: bool = True) -> Path:
+    """The user's folder, or the embedded synthetic set (generated once and cached)."""
+    if config.data_dir is not None and str(config.data_dir) != "":
+        return Path(config.data_dir)
+    return synth.default_dataset(synth_config, progress=progress)
+
+
+def check_data_dir(config: DataConfig) -> None:
+    """Fail at once on a data directory that does not exist (before slower checks)."""
+    if config.data_dir is not None and not Path(config.data_dir).expanduser().is_dir():
+        discover(config.data_dir)  # raises the precise DataLayoutError
+
+
+def prepare_data(
+    config: DataConfig, synth_config: SynthConfig = SynthConfig(), progress: bool = True
+) -> PreparedData:
+    """Discover, split and decode; fails fast with a clear message on unusable data."""
+    data_dir = resolve_data_dir(config, synth_config, progress)
+    found = discover(data_dir, config.ok_class)
+    frame = subsample(found.frame, config.max_images, config.seed)
+    check_classes(frame, str(found.root))
+    preprocess = PreprocessConfig.from_data_config(config)
+    paths = frame["image_path"].tolist()
+    decoded = decode_images(paths, preprocess, policy=config.bad_images, progress=progress)
+    if decoded.skipped:
+        log.warning(
+            "skipped %d unreadable image(s) in %s, e.g. %s",
+            len(decoded.skipped),
+            found.root,
+            next(iter(decoded.skipped.values())),
+        )
+        frame = frame[~frame["image_path"].isin(decoded.skipped)]
+        check_classes(frame, str(found.root))
+    frame = assign_splits(frame, config.val_fraction, config.test_fraction, config.seed)
+    position = {p: i for i, p in enumerate(decoded.paths)}
+    images = decoded.images[[position[p] for p in frame["image_path"]]]
+    for name in ("train", "val"):
+        if not (frame["split"] == name).any():
+            raise DataLayoutError(f"the {name} split of {found.root} is empty: add images")
+    return PreparedData(
+        frame=frame,
+        images=images,
+        root=found.root,
+        layout=found.layout,
+        ok_class=found.ok_class,
+        preprocess=preprocess,
+        skipped=decoded.skipped,
+    )
+
+
+class ImageArrayDataset(Dataset):
+    """uint8 ``(C, H, W)`` tensors and float labels from an in-memory array."""
+
+    def __init__(self, images: np.ndarray, labels: np.ndarray, transform=None) -> None:
+        # (N, H, W, C) -> (N, C, H, W) once, shared memory with the array when possible
+        self.images = torch.from_numpy(np.ascontiguousarray(images.transpose(0, 3, 1, 2)))
+        self.labels = torch.from_numpy(labels.astype(np.float32))
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        image = self.images[index]
+        if self.transform is not None:
+            image = self.transform(image)
+        return image, self.labels[index]
+
+
+class InspectionDataModule(pl.LightningDataModule):
+    """Loaders over :class:`PreparedData` for one batch size and augmentation strength."""
+
+    def __init__(self, data: PreparedData, config: DataConfig) -> None:
+        super().__init__()
+        self.data = data
+        self.config = config
+        self.augmentation = build_augmentation(config.augment_strength)
+
+    def _loader(self, split: str, train: bool) -> DataLoader:
+        images, labels = self.data.split(split)
+        dataset = ImageArrayDataset(images, labels, self.augmentation if train else None)
+        workers = self.config.num_workers
+        return DataLoader(
+            dataset,
+            batch_size=self.config.batch_size,
+            shuffle=train,
+            drop_last=train and len(dataset) > self.config.batch_size,
+            num_workers=workers,
+            persistent_workers=workers > 0,
+            pin_memory=torch.cuda.is_available(),
+            generator=torch.Generator().manual_seed(self.config.seed) if train else None,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader("train", train=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader("val", train=False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader("test", train=False)
+
+    def positive_weight(self) -> float:
+        """ok/defective ratio in train: weights the loss so both classes count alike."""
+        _, labels = self.data.split("train")
+        positives = max(int(labels.sum()), 1)
+        return float((len(labels) - positives) / positives)
