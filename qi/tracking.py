@@ -1,0 +1,170 @@
+"""The one place that talks to MLflow about stores, runs, tags, datasets and artifacts.
+
+Default store: ``sqlite:///<working dir>/mlflow.db`` (the registry needs a database), unless
+``MLFLOW_TRACKING_URI`` or an explicit URI says otherwise; a remote server works the same.
+Under ``mlflow run`` the entry point already runs inside a run (``MLFLOW_RUN_ID``): qi logs
+into that run instead of opening another.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import subprocess
+import tempfile
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import mlflow
+import pandas as pd
+from mlflow.exceptions import MlflowException
+
+import qi
+from qi.config import TrackingConfig, flatten
+
+log = logging.getLogger(__name__)
+
+TAG_PREFIX = "qi."
+
+
+class TrackingError(RuntimeError):
+    """The tracking store cannot be used; the message says which and what to do."""
+
+
+def default_tracking_uri() -> str:
+    return f"sqlite:///{Path.cwd() / 'mlflow.db'}"
+
+
+def configure_tracking(config: TrackingConfig) -> str:
+    """Set the tracking URI (explicit > MLFLOW_TRACKING_URI > local sqlite) and check it answers.
+
+    The check runs before any training so that a server that is down fails in seconds.
+    """
+    uri = config.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or default_tracking_uri()
+    mlflow.set_tracking_uri(uri)
+    if uri.startswith("http"):
+        # fail in seconds, not after minutes of retries, when the server is down
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
+    try:
+        mlflow.search_experiments(max_results=1)
+    except Exception as exc:  # any failure here means no training should start
+        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise TrackingError(
+            f"MLflow tracking store {uri} is not usable ({first_line[:200]}): start the server "
+            "or set MLFLOW_TRACKING_URI to a reachable store"
+        ) from exc
+    return uri
+
+
+def experiment_id(name: str) -> str:
+    """The experiment to log to: ``mlflow run``'s (MLFLOW_EXPERIMENT_ID), else ``name``."""
+    from_env = os.environ.get("MLFLOW_EXPERIMENT_ID")
+    if from_env:
+        return from_env
+    experiment = mlflow.get_experiment_by_name(name)
+    if experiment is not None:
+        return experiment.experiment_id
+    try:
+        return mlflow.create_experiment(name)
+    except MlflowException:  # another worker created it meanwhile
+        return mlflow.get_experiment_by_name(name).experiment_id
+
+
+@contextmanager
+def training_run(config: TrackingConfig, tags: dict[str, str] | None = None) -> Iterator[str]:
+    """An MLflow run for one training; the run ``mlflow run`` opened when there is one."""
+    inherited = os.environ.get("MLFLOW_RUN_ID")
+    kwargs: dict[str, Any] = {"tags": tags or {}}
+    if inherited:
+        kwargs["run_id"] = inherited
+    else:
+        kwargs["experiment_id"] = experiment_id(config.experiment)
+        kwargs["run_name"] = config.run_name
+    with mlflow.start_run(**kwargs) as run:
+        if inherited and config.run_name:
+            mlflow.set_tag("mlflow.runName", config.run_name)
+        yield run.info.run_id
+
+
+def git_commit() -> str | None:
+    """The commit of the qi source tree in use, when it is a git checkout."""
+    source = Path(qi.__file__).resolve().parent.parent
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"],
+            cwd=source,
+            capture_output=True,
+            text=True,
+            timeout=5,
+            check=True,
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() or None
+
+
+def standard_tags(data_digest: str, extra: dict[str, str] | None = None) -> dict[str, str]:
+    tags = {f"{TAG_PREFIX}version": qi.__version__, f"{TAG_PREFIX}data_digest": data_digest}
+    commit = git_commit()
+    if commit:
+        tags[f"{TAG_PREFIX}git_commit"] = commit
+    tags.update(extra or {})
+    return tags
+
+
+def log_config(config: Any, run_id: str) -> None:
+    """Every setting of a (nested) config dataclass as a run param."""
+    params = {k: "" if v is None else v for k, v in flatten(config).items()}
+    client = mlflow.MlflowClient()
+    from mlflow.entities import Param
+
+    items = [Param(k, str(v)[:6000]) for k, v in params.items()]
+    for start in range(0, len(items), 100):
+        client.log_batch(run_id, params=items[start : start + 100])
+
+
+def log_dataset(frame: pd.DataFrame, root: Path, digest: str, name: str, run_id: str) -> None:
+    """The file list with labels and split as an MLflow dataset input of the run."""
+    table = frame[["image_path", "label", "defect_type", "split"]].copy()
+    table["image_path"] = [str(Path(p).relative_to(root)) for p in table["image_path"]]
+    from mlflow.entities import DatasetInput, InputTag
+
+    with warnings.catch_warnings():
+        # MLflow's hints about integer columns and ambiguous local sources do not apply here
+        warnings.simplefilter("ignore", UserWarning)
+        dataset = mlflow.data.from_pandas(
+            table, source=str(root), targets="label", name=name, digest=digest
+        )
+        context = [InputTag("mlflow.data.context", "training")]
+        entity = DatasetInput(dataset._to_mlflow_entity(), context)
+    mlflow.MlflowClient().log_inputs(run_id, datasets=[entity])
+
+
+def log_table_artifact(frame: pd.DataFrame, artifact_file: str, run_id: str) -> None:
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / Path(artifact_file).name
+        frame.to_csv(path, index=False)
+        folder = str(Path(artifact_file).parent) if Path(artifact_file).parent.name else None
+        mlflow.MlflowClient().log_artifact(run_id, str(path), folder)
+
+
+def log_json_artifact(payload: Any, artifact_file: str, run_id: str) -> None:
+    mlflow.MlflowClient().log_text(
+        run_id, json.dumps(payload, indent=2, default=str), artifact_file
+    )
+
+
+def log_metrics(metrics: dict[str, float], run_id: str, step: int | None = None) -> None:
+    client = mlflow.MlflowClient()
+    import time
+
+    from mlflow.entities import Metric
+
+    now = int(time.time() * 1000)
+    clean = [Metric(k, float(v), now, step or 0) for k, v in metrics.items() if v == v]
+    client.log_batch(run_id, metrics=clean)

@@ -1,0 +1,89 @@
+"""``qi train``: one tracked training run, end to end. The CLI and tests call :func:`train`."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import mlflow
+
+from qi.config import RunConfig
+from qi.data.datamodule import PreparedData, check_data_dir, prepare_data
+from qi.serving import ModelSpec, log_inspection_model
+from qi.tracking import (
+    configure_tracking,
+    log_config,
+    log_dataset,
+    log_json_artifact,
+    log_metrics,
+    log_table_artifact,
+    standard_tags,
+    training_run,
+)
+from qi.training import FitResult, fit
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class TrainOutcome:
+    run_id: str
+    result: FitResult
+    data: PreparedData
+    model_uri: str | None
+
+
+def log_prepared_data(data: PreparedData, run_id: str) -> None:
+    """Dataset input, split counts and skipped files of a run's data."""
+    log_dataset(data.frame, data.root, data.digest, name=data.root.name, run_id=run_id)
+    counts = data.counts().reset_index()
+    log_table_artifact(counts, "data/split_counts.csv", run_id)
+    if data.skipped:
+        skipped = [{"path": p, "reason": r} for p, r in data.skipped.items()]
+        log_json_artifact(skipped, "data/skipped_images.json", run_id)
+
+
+def train(config: RunConfig, progress: bool = True) -> TrainOutcome:
+    """Prepare the data, fit, evaluate on the test split and log everything to one run."""
+    check_data_dir(config.data)  # a typo in the path should not wait for the tracking store
+    configure_tracking(config.tracking)
+    data = prepare_data(config.data, config.synth, progress=progress)
+    log.info(
+        "data: %s layout at %s, %d images\n%s",
+        data.layout,
+        data.root,
+        len(data.frame),
+        data.counts(),
+    )
+    tags = standard_tags(
+        data.digest,
+        {
+            "qi.kind": "train",
+            "qi.data_layout": data.layout,
+            "qi.ok_class": data.ok_class,
+            "qi.data_root": str(data.root),
+        },
+    )
+    with training_run(config.tracking, tags=tags) as run_id:
+        mlflow.set_tags(tags)  # also on a run `mlflow run` opened before qi started
+        log_config(config, run_id)
+        log_prepared_data(data, run_id)
+        result = fit(config, data, run_id=run_id, progress=progress)
+        log_metrics(
+            {f"best_{k.replace('/', '_')}": v for k, v in result.val_metrics.items()}, run_id
+        )
+        log_metrics(
+            {
+                "best_epoch": result.best_epoch,
+                "epochs_run": result.epochs_run,
+                "train_seconds": result.seconds,
+                "train_images_per_second": result.images_per_second,
+            },
+            run_id,
+        )
+        model_uri = None
+        if config.tracking.log_model:
+            spec = ModelSpec(model=config.model, preprocess=data.preprocess)
+            info = log_inspection_model(result.net, spec, example_image=data.images[0])
+            model_uri = info.model_uri
+    return TrainOutcome(run_id=run_id, result=result, data=data, model_uri=model_uri)

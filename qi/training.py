@@ -1,0 +1,277 @@
+"""The LightningModule and the fit of one configuration.
+
+:func:`fit` is what ``qi train`` and every Optuna trial call: it takes prepared data and an
+MLflow run id owned by the caller, trains with early stopping, restores the best epoch and
+returns the network with its validation (and optionally test) figures. It never starts or
+ends MLflow runs; the caller owns them.
+"""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+import time
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import lightning.pytorch as pl
+import mlflow
+import torch
+from lightning.pytorch.callbacks import Callback, EarlyStopping, ModelCheckpoint
+from lightning.pytorch.loggers import MLFlowLogger
+from torch import nn
+from torchmetrics import MetricCollection
+from torchmetrics.classification import (
+    BinaryAccuracy,
+    BinaryAUROC,
+    BinaryF1Score,
+    BinaryPrecision,
+    BinaryRecall,
+)
+
+from qi.config import RunConfig, TrainConfig
+from qi.data.datamodule import InspectionDataModule, PreparedData
+from qi.models import InspectionNet, build_model
+
+log = logging.getLogger(__name__)
+
+OPTIMIZERS = ("adamw", "adam", "sgd")
+# metrics a caller may monitor or optimise; "loss" is minimised, the rest maximised
+METRIC_NAMES = ("loss", "acc", "f1", "auroc", "defect_recall", "precision")
+
+
+def metric_mode(metric: str) -> str:
+    """ "min" for losses, "max" for every other metric."""
+    return "min" if metric.rsplit("/", 1)[-1] == "loss" else "max"
+
+
+def validate_metric(metric: str) -> str:
+    stage, _, name = metric.rpartition("/")
+    if stage not in ("val", "train") or name not in METRIC_NAMES:
+        choices = ", ".join(f"val/{m}" for m in METRIC_NAMES)
+        raise ValueError(f"unknown metric '{metric}': choose one of {choices}")
+    return metric
+
+
+def classification_metrics() -> MetricCollection:
+    """Per-stage metrics; the defective class is the positive one."""
+    return MetricCollection(
+        {
+            "acc": BinaryAccuracy(),
+            "f1": BinaryF1Score(),
+            "auroc": BinaryAUROC(),
+            "defect_recall": BinaryRecall(),
+            "precision": BinaryPrecision(),
+        }
+    )
+
+
+class InspectionModule(pl.LightningModule):
+    """Binary defect classifier around any :class:`InspectionNet`."""
+
+    def __init__(self, net: InspectionNet, config: TrainConfig, positive_weight: float = 1.0):
+        super().__init__()
+        self.net = net
+        self.config = config
+        self.loss_fn = nn.BCEWithLogitsLoss(pos_weight=torch.tensor(positive_weight))
+        self.stage_metrics = nn.ModuleDict(
+            {f"{stage}_metrics": classification_metrics() for stage in ("train", "val", "test")}
+        )
+        self.history: list[dict[str, float]] = []  # validation figures per epoch
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.net(images)
+
+    def model_step(self, batch, stage: str) -> torch.Tensor:
+        images, labels = batch
+        images = images.contiguous(memory_format=torch.channels_last)
+        logits = self(images)
+        loss = self.loss_fn(logits, labels)
+        self.stage_metrics[f"{stage}_metrics"].update(
+            torch.sigmoid(logits.detach().float()), labels.long()
+        )
+        self.log(
+            f"{stage}/loss",
+            loss,
+            on_step=False,
+            on_epoch=True,
+            batch_size=len(labels),
+            prog_bar=stage != "test",
+        )
+        return loss
+
+    def training_step(self, batch, batch_idx):
+        return self.model_step(batch, "train")
+
+    def validation_step(self, batch, batch_idx):
+        self.model_step(batch, "val")
+
+    def test_step(self, batch, batch_idx):
+        self.model_step(batch, "test")
+
+    def _log_epoch_metrics(self, stage: str) -> dict[str, float]:
+        metrics = self.stage_metrics[f"{stage}_metrics"]
+        values = {f"{stage}/{k}": v for k, v in metrics.compute().items()}
+        metrics.reset()
+        # "step" makes Lightning log this epoch's figures at step=epoch: curves per epoch
+        self.log_dict({**values, "step": float(self.current_epoch)}, prog_bar=False)
+        return {k: float(v) for k, v in values.items()}
+
+    def on_train_epoch_end(self) -> None:
+        self._log_epoch_metrics("train")
+
+    def on_validation_epoch_end(self) -> None:
+        if self.trainer.sanity_checking:
+            self.stage_metrics["val_metrics"].reset()
+            return
+        values = self._log_epoch_metrics("val")
+        values["val/loss"] = float(self.trainer.callback_metrics.get("val/loss", float("nan")))
+        self.history.append({"epoch": self.current_epoch, **values})
+
+    def on_test_epoch_end(self) -> None:
+        self._log_epoch_metrics("test")
+
+    def configure_optimizers(self):
+        c = self.config
+        params = self.net.parameters()
+        if c.optimizer == "adamw":
+            optimizer = torch.optim.AdamW(params, lr=c.learning_rate, weight_decay=c.weight_decay)
+        elif c.optimizer == "adam":
+            optimizer = torch.optim.Adam(params, lr=c.learning_rate, weight_decay=c.weight_decay)
+        elif c.optimizer == "sgd":
+            optimizer = torch.optim.SGD(
+                params,
+                lr=c.learning_rate,
+                momentum=c.momentum,
+                weight_decay=c.weight_decay,
+                nesterov=c.momentum > 0,
+            )
+        else:
+            raise ValueError(f"unknown optimizer '{c.optimizer}': choose one of {OPTIMIZERS}")
+        schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(c.epochs, 1))
+        return {"optimizer": optimizer, "lr_scheduler": schedule}
+
+
+class AttachedMLFlowLogger(MLFlowLogger):
+    """Lightning's MLflow logger bound to a run qi owns: it must not end that run."""
+
+    def finalize(self, status: str = "success") -> None:  # noqa: D102
+        return None
+
+
+@dataclass
+class FitResult:
+    net: InspectionNet  # best epoch's weights, in eval mode on the CPU
+    best_epoch: int
+    epochs_run: int
+    val_metrics: dict[str, float]  # at the best epoch
+    test_metrics: dict[str, float] = field(default_factory=dict)
+    history: list[dict[str, float]] = field(default_factory=list)
+    seconds: float = 0.0
+    images_per_second: float = 0.0
+
+
+def trainer_precision(config: TrainConfig) -> str:
+    """Mixed precision where the hardware has it (bf16 on recent GPUs), full on CPU."""
+    if config.precision:
+        return config.precision
+    if config.accelerator in ("auto", "gpu", "cuda") and torch.cuda.is_available():
+        return "bf16-mixed" if torch.cuda.is_bf16_supported() else "16-mixed"
+    return "32-true"
+
+
+def fit(
+    config: RunConfig,
+    data: PreparedData,
+    run_id: str | None,
+    callbacks: Sequence[Callback] = (),
+    run_test: bool = True,
+    progress: bool = True,
+) -> FitResult:
+    """Train ``config`` on ``data``, logging per-epoch metrics to MLflow run ``run_id``."""
+    train = config.train
+    monitor = validate_metric(train.monitor)
+    pl.seed_everything(train.seed, workers=True, verbose=False)
+    net = build_model(config.model, data.preprocess.channels)
+    datamodule = InspectionDataModule(data, config.data)
+    module = InspectionModule(net, train, positive_weight=datamodule.positive_weight())
+    # channels_last: faster convolutions on CPU (oneDNN) and on GPU tensor cores alike
+    module = module.to(memory_format=torch.channels_last)
+    logger = None
+    if run_id is not None:
+        logger = AttachedMLFlowLogger(tracking_uri=mlflow.get_tracking_uri(), run_id=run_id)
+    with tempfile.TemporaryDirectory(prefix="qi-ckpt-") as ckpt_dir:
+        checkpoint = ModelCheckpoint(
+            dirpath=ckpt_dir,
+            monitor=monitor,
+            mode=metric_mode(monitor),
+            save_top_k=1,
+            save_weights_only=True,
+        )
+        stopper = EarlyStopping(
+            monitor=monitor, mode=metric_mode(monitor), patience=train.early_stopping_patience
+        )
+        limit = train.limit_batches
+        trainer = pl.Trainer(
+            max_epochs=train.epochs,
+            accelerator=train.accelerator,
+            devices=1,
+            precision=trainer_precision(train),
+            logger=logger if logger is not None else False,
+            callbacks=[checkpoint, stopper, *callbacks],
+            enable_progress_bar=progress,
+            enable_model_summary=False,
+            deterministic=train.deterministic,
+            num_sanity_val_steps=0,
+            limit_train_batches=limit,
+            limit_val_batches=limit,
+            limit_test_batches=limit,
+            default_root_dir=ckpt_dir,
+            log_every_n_steps=1,
+        )
+        started = time.perf_counter()
+        with warnings.catch_warnings():
+            # on 2 cores with in-memory data, extra loader workers cost more than they give
+            warnings.filterwarnings("ignore", ".*does not have many workers.*")
+            trainer.fit(module, datamodule=datamodule)
+        seconds = time.perf_counter() - started
+        if checkpoint.best_model_path:
+            state = torch.load(checkpoint.best_model_path, map_location="cpu", weights_only=True)
+            module.load_state_dict(state["state_dict"])
+        best = _best_epoch(module.history, monitor)
+        test_metrics: dict[str, float] = {}
+        if run_test and (data.frame["split"] == "test").any():
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", ".*does not have many workers.*")
+                results = trainer.test(module, datamodule=datamodule, verbose=False)
+            test_metrics = {
+                k: float(v)
+                for k, v in (results[0] if results else {}).items()
+                if k.startswith("test/")
+            }
+    epochs_run = len(module.history)
+    n_train = int((data.frame["split"] == "train").sum())
+    if isinstance(limit, int):
+        n_train = min(n_train, limit * config.data.batch_size)
+    elif isinstance(limit, float):
+        n_train = int(n_train * limit)
+    net = module.net.to("cpu").eval()
+    return FitResult(
+        net=net,
+        best_epoch=int(best.get("epoch", 0)),
+        epochs_run=epochs_run,
+        val_metrics={k: v for k, v in best.items() if k != "epoch"},
+        test_metrics=test_metrics,
+        history=module.history,
+        seconds=seconds,
+        images_per_second=n_train * epochs_run / seconds if seconds > 0 else 0.0,
+    )
+
+
+def _best_epoch(history: list[dict[str, float]], monitor: str) -> dict[str, float]:
+    scored = [h for h in history if monitor in h and h[monitor] == h[monitor]]  # drop NaN
+    if not scored:
+        return history[-1] if history else {}
+    pick = min if metric_mode(monitor) == "min" else max
+    return pick(scored, key=lambda h: h[monitor])
