@@ -1,0 +1,401 @@
+"""The ``qi`` command line: thin click commands over the library API.
+
+Every option can also come from an environment variable ``QI_<COMMAND>_<OPTION>`` (e.g.
+``QI_TRAIN_EPOCHS=5``). User-fixable problems end as one line on stderr and exit code 2 or 1,
+never a traceback.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import warnings
+from functools import wraps
+from pathlib import Path
+
+import click
+
+import qi
+from qi.config import (
+    DataConfig,
+    ModelConfig,
+    RunConfig,
+    SynthConfig,
+    TrackingConfig,
+    TrainConfig,
+)
+
+log = logging.getLogger("qi")
+
+
+def _user_errors(func):
+    """Turn the library's user-fixable errors into one-line click errors."""
+
+    @wraps(func)
+    def wrapper(*args, **kwargs):
+        from qi.data.discovery import DataLayoutError
+        from qi.data.preprocessing import ImageDecodeError
+        from qi.models.backbones import WeightsNotFoundError
+        from qi.tracking import TrackingError
+
+        try:
+            return func(*args, **kwargs)
+        except (DataLayoutError, ImageDecodeError, WeightsNotFoundError, TrackingError) as exc:
+            raise click.ClickException(str(exc)) from exc
+        except KeyboardInterrupt:
+            click.echo("interrupted: finished runs are kept in MLflow", err=True)
+            sys.exit(130)
+
+    return wrapper
+
+
+class WholeNumber(click.ParamType):
+    """An integer that also accepts MLproject's float rendering ("15.0") and "" for unset."""
+
+    name = "integer"
+
+    def convert(self, value, param, ctx):
+        if value is None or isinstance(value, int):
+            return value
+        text = str(value).strip()
+        if text == "":
+            return None
+        try:
+            number = float(text)
+        except ValueError:
+            self.fail(f"{value!r} is not a whole number", param, ctx)
+        if not number.is_integer():
+            self.fail(f"{value!r} is not a whole number", param, ctx)
+        return int(number)
+
+
+INT = WholeNumber()
+
+
+def _positive(ctx, param, value):
+    if value is not None and value <= 0:
+        raise click.BadParameter(f"must be positive, got {value}")
+    return value
+
+
+def _fraction(ctx, param, value):
+    if value is not None and not 0 <= value < 1:
+        raise click.BadParameter(f"must be in [0, 1), got {value}")
+    return value
+
+
+def _empty_as_none(ctx, param, value):
+    """MLproject passes unset string parameters as ''."""
+    return None if value in ("", None) else value
+
+
+def data_options(func):
+    """Options that say which images and how to read them (shared by train and tune)."""
+    defaults = DataConfig()
+    options = [
+        click.option(
+            "--data-dir",
+            default=None,
+            callback=_empty_as_none,
+            help="Folder of labelled images (class folders, Kaggle train/test, or an "
+            "MVTec AD category). Default: the embedded synthetic casting set.",
+        ),
+        click.option(
+            "--ok-class",
+            default=None,
+            callback=_empty_as_none,
+            help="Folder name of the good class (default: detected from good, ok, "
+            "ok_front, pass, normal).",
+        ),
+        click.option(
+            "--image-size",
+            type=INT,
+            default=defaults.image_size,
+            show_default=True,
+            callback=_positive,
+            help="Images are resized to this square size.",
+        ),
+        click.option(
+            "--color-mode",
+            type=click.Choice(["gray", "rgb"]),
+            default=defaults.color_mode,
+            show_default=True,
+        ),
+        click.option(
+            "--clahe/--no-clahe",
+            default=defaults.clahe,
+            show_default=True,
+            help="Contrast-limited histogram equalisation (uneven lighting).",
+        ),
+        click.option(
+            "--augment-strength",
+            type=float,
+            default=defaults.augment_strength,
+            show_default=True,
+            help="0 disables augmentation, 1 is strong.",
+        ),
+        click.option(
+            "--batch-size",
+            type=INT,
+            default=defaults.batch_size,
+            show_default=True,
+            callback=_positive,
+        ),
+        click.option(
+            "--val-fraction",
+            type=float,
+            default=defaults.val_fraction,
+            show_default=True,
+            callback=_fraction,
+        ),
+        click.option(
+            "--test-fraction",
+            type=float,
+            default=defaults.test_fraction,
+            show_default=True,
+            callback=_fraction,
+            help="Held-out share when the layout has no test folder.",
+        ),
+        click.option(
+            "--max-images",
+            type=INT,
+            default=None,
+            callback=_positive,
+            help="Stratified subsample for quick runs.",
+        ),
+        click.option(
+            "--bad-images",
+            type=click.Choice(["skip", "strict"]),
+            default=defaults.bad_images,
+            show_default=True,
+            help="skip: leave unreadable files out and list them; strict: stop.",
+        ),
+    ]
+    for option in reversed(options):
+        func = option(func)
+    return func
+
+
+def model_options(func):
+    defaults = ModelConfig()
+    from qi.models import model_names
+
+    options = [
+        click.option(
+            "--model",
+            "model_name",
+            type=click.Choice(model_names()),
+            default=defaults.name,
+            show_default=True,
+            help="Network architecture.",
+        ),
+        click.option(
+            "--depth",
+            type=INT,
+            default=defaults.depth,
+            show_default=True,
+            callback=_positive,
+            help="CNN blocks.",
+        ),
+        click.option(
+            "--width",
+            type=INT,
+            default=defaults.width,
+            show_default=True,
+            callback=_positive,
+            help="CNN channels of the first block.",
+        ),
+        click.option(
+            "--activation",
+            type=click.Choice(["relu", "gelu", "silu", "leaky_relu", "elu"]),
+            default=defaults.activation,
+            show_default=True,
+        ),
+        click.option(
+            "--dropout", type=float, default=defaults.dropout, show_default=True, callback=_fraction
+        ),
+        click.option(
+            "--pretrained",
+            default=None,
+            callback=_empty_as_none,
+            help="Backbones: 'imagenet' (from torch's hub cache, never downloaded) "
+            "or a weights file.",
+        ),
+    ]
+    for option in reversed(options):
+        func = option(func)
+    return func
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(qi.__version__, prog_name="qi")
+@click.option("-v", "--verbose", count=True, help="More log output (-vv for debug).")
+def cli(verbose: int) -> None:
+    """qi: tuned, tracked, registered classifiers for visual quality inspection."""
+    logging.basicConfig(
+        level=logging.DEBUG if verbose > 1 else logging.WARNING,
+        format="%(levelname)s %(name)s: %(message)s",
+    )
+    logging.getLogger("qi").setLevel(logging.DEBUG if verbose else logging.INFO)
+    # Lightning adds its own handler; one copy of each message is enough
+    logging.getLogger("lightning.pytorch").propagate = False
+    warnings.filterwarnings("ignore", ".*LeafSpec.*")  # Lightning internals on torch 2.14
+
+
+@cli.group()
+def data() -> None:
+    """Data sets: generate the embedded casting set."""
+
+
+@data.command("synth")
+@click.argument("out", type=click.Path(path_type=Path))
+@click.option(
+    "--n-train", type=INT, default=SynthConfig.n_train, show_default=True, callback=_positive
+)
+@click.option(
+    "--n-test", type=INT, default=SynthConfig.n_test, show_default=True, callback=_positive
+)
+@click.option(
+    "--image-size", type=INT, default=SynthConfig.image_size, show_default=True, callback=_positive
+)
+@click.option(
+    "--defect-fraction",
+    type=float,
+    default=SynthConfig.defect_fraction,
+    show_default=True,
+    callback=_fraction,
+)
+@click.option("--seed", type=INT, default=SynthConfig.seed, show_default=True)
+def data_synth(
+    out: Path, n_train: int, n_test: int, image_size: int, defect_fraction: float, seed: int
+) -> None:
+    """Write the synthetic casting data set (Kaggle casting layout) to OUT."""
+    from qi.data import synth
+
+    if out.exists() and any(out.iterdir()):
+        raise click.ClickException(f"{out} is not empty: choose a new folder")
+    config = SynthConfig(
+        n_train=n_train,
+        n_test=n_test,
+        image_size=image_size,
+        defect_fraction=defect_fraction,
+        seed=seed,
+    )
+    synth.generate(out, config)
+    click.echo(f"wrote {n_train + n_test} images to {out}")
+
+
+@cli.command()
+@data_options
+@model_options
+@click.option(
+    "--epochs", type=INT, default=TrainConfig.epochs, show_default=True, callback=_positive
+)
+@click.option(
+    "--optimizer",
+    type=click.Choice(["adamw", "adam", "sgd"]),
+    default=TrainConfig.optimizer,
+    show_default=True,
+)
+@click.option(
+    "--learning-rate",
+    type=float,
+    default=TrainConfig.learning_rate,
+    show_default=True,
+    callback=_positive,
+)
+@click.option("--weight-decay", type=float, default=TrainConfig.weight_decay, show_default=True)
+@click.option(
+    "--patience",
+    type=INT,
+    default=TrainConfig.early_stopping_patience,
+    show_default=True,
+    callback=_positive,
+    help="Early-stopping patience in epochs.",
+)
+@click.option(
+    "--accelerator",
+    default=TrainConfig.accelerator,
+    show_default=True,
+    help="auto uses a GPU when there is one.",
+)
+@click.option("--seed", type=INT, default=TrainConfig.seed, show_default=True)
+@click.option(
+    "--experiment",
+    default=TrackingConfig.experiment,
+    show_default=True,
+    help="MLflow experiment (under `mlflow run`, the run's own).",
+)
+@click.option("--run-name", default=None, callback=_empty_as_none)
+@click.option(
+    "--tracking-uri",
+    default=None,
+    callback=_empty_as_none,
+    help="Default: MLFLOW_TRACKING_URI, else sqlite:///mlflow.db here.",
+)
+@click.option("--progress/--no-progress", default=True, help="Progress bars.")
+@_user_errors
+def train(**options) -> None:
+    """Train one model and log it as an MLflow run."""
+    from qi.train import train as run_train
+
+    config = build_run_config(options)
+    outcome = run_train(config, progress=options["progress"])
+    test = outcome.result.test_metrics
+    click.echo(
+        f"run {outcome.run_id}: test accuracy {test.get('test/acc', float('nan')):.4f}, "
+        f"F1 {test.get('test/f1', float('nan')):.4f}, defect recall "
+        f"{test.get('test/defect_recall', float('nan')):.4f} "
+        f"({outcome.result.epochs_run} epochs, {outcome.result.seconds:.0f} s)"
+    )
+    if outcome.model_uri:
+        click.echo(f"model: {outcome.model_uri}")
+
+
+def build_run_config(options: dict) -> RunConfig:
+    """CLI options -> RunConfig (also used by tests of the CLI mapping)."""
+    data = DataConfig(
+        data_dir=Path(options["data_dir"]) if options["data_dir"] else None,
+        ok_class=options["ok_class"],
+        image_size=options["image_size"],
+        color_mode=options["color_mode"],
+        clahe=options["clahe"],
+        augment_strength=options["augment_strength"],
+        batch_size=options["batch_size"],
+        val_fraction=options["val_fraction"],
+        test_fraction=options["test_fraction"],
+        max_images=options["max_images"],
+        bad_images=options["bad_images"],
+        seed=options["seed"],
+    )
+    model = ModelConfig(
+        name=options["model_name"],
+        depth=options["depth"],
+        width=options["width"],
+        activation=options["activation"],
+        dropout=options["dropout"],
+        pretrained=options["pretrained"],
+    )
+    train_config = TrainConfig(
+        epochs=options["epochs"],
+        optimizer=options["optimizer"],
+        learning_rate=options["learning_rate"],
+        weight_decay=options["weight_decay"],
+        early_stopping_patience=options["patience"],
+        accelerator=options["accelerator"],
+        seed=options["seed"],
+    )
+    tracking = TrackingConfig(
+        tracking_uri=options["tracking_uri"],
+        experiment=options["experiment"],
+        run_name=options["run_name"],
+    )
+    return RunConfig(data=data, model=model, train=train_config, tracking=tracking)
+
+
+def main() -> None:
+    cli(auto_envvar_prefix="QI")
+
+
+if __name__ == "__main__":
+    main()
