@@ -1,0 +1,51 @@
+"""Shared fixtures: isolated MLflow store and qi cache, a tiny casting set made once."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from qi.config import DataConfig, ModelConfig, RunConfig, SynthConfig, TrackingConfig, TrainConfig
+from qi.data import synth
+
+TINY_SYNTH = SynthConfig(n_train=60, n_test=24, image_size=48, seed=3)
+
+
+@pytest.fixture(scope="session")
+def session_cache(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("qi-cache")
+
+
+@pytest.fixture(autouse=True)
+def isolated_state(tmp_path, monkeypatch, session_cache):
+    """Every test gets its own sqlite store and working dir; nothing leaks from `mlflow run`."""
+    for name in ("MLFLOW_RUN_ID", "MLFLOW_EXPERIMENT_ID", "MLFLOW_EXPERIMENT_NAME"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    monkeypatch.setenv("QI_CACHE_DIR", str(session_cache))
+    monkeypatch.chdir(tmp_path)
+    import mlflow
+
+    mlflow.set_tracking_uri(os.environ["MLFLOW_TRACKING_URI"])
+    yield
+    while mlflow.active_run():
+        mlflow.end_run()
+
+
+@pytest.fixture(scope="session")
+def tiny_casting(tmp_path_factory) -> Path:
+    """A 84-image casting set in the Kaggle layout (48 px)."""
+    return synth.generate(tmp_path_factory.mktemp("casting"), TINY_SYNTH, progress=False)
+
+
+@pytest.fixture
+def tiny_config(tiny_casting, tmp_path) -> RunConfig:
+    """A configuration that trains in seconds: tiny images, narrow CNN, one epoch."""
+    return RunConfig(
+        data=DataConfig(data_dir=tiny_casting, image_size=32, batch_size=16),
+        model=ModelConfig(depth=3, width=8),
+        train=TrainConfig(epochs=1),
+        tracking=TrackingConfig(experiment="qi-test"),
+    )

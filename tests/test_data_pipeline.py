@@ -1,0 +1,110 @@
+import numpy as np
+import pytest
+
+from qi.config import DataConfig, SynthConfig
+from qi.data import cache
+from qi.data.datamodule import InspectionDataModule, prepare_data
+from qi.data.discovery import DataLayoutError, discover
+from qi.data.preprocessing import ImageDecodeError
+from qi.data.splits import assign_splits
+from tests.helpers import make_class_folders, make_mvtec
+
+
+def test_splits_are_stratified_and_reproducible(tmp_path):
+    make_class_folders(tmp_path, {"ok": 40, "scratch": 20, "dent": 20})
+    frame = discover(tmp_path).frame
+    a = assign_splits(frame.copy(), 0.15, 0.15, seed=1)
+    b = assign_splits(frame.sample(frac=1, random_state=9), 0.15, 0.15, seed=1)
+    assert a.equals(b)  # input order does not matter
+    counts = a.groupby(["split", "defect_type"]).size().unstack()
+    assert (counts > 0).all().all()  # every defect type in every split
+    assert counts.loc["test"].sum() == 12 and counts.loc["val"].sum() == 12
+    c = assign_splits(frame.copy(), 0.15, 0.15, seed=2)
+    assert not a["split"].equals(c["split"])
+
+
+def test_mvtec_defects_reach_the_training_split(tmp_path):
+    make_mvtec(tmp_path, n_defect=8)
+    data = prepare_data(DataConfig(data_dir=tmp_path, image_size=16), progress=False)
+    train = data.split_frame("train")
+    assert {"crack", "hole"} <= set(train["defect_type"])
+    assert set(data.frame["split"]) == {"train", "val", "test"}
+
+
+def test_kaggle_test_split_is_kept(tiny_casting):
+    data = prepare_data(DataConfig(data_dir=tiny_casting, image_size=24), progress=False)
+    assert (data.frame["split"] == "test").sum() == 24
+    assert data.frame.loc[data.frame["split"] == "test", "image_path"].str.contains("/test/").all()
+    assert data.images.shape == (84, 24, 24, 1)
+    # row i of the table is image i of the array
+    from qi.data.preprocessing import PreprocessConfig, load_and_preprocess
+
+    row = 17
+    expected = load_and_preprocess(data.frame["image_path"][row], PreprocessConfig(image_size=24))
+    assert np.array_equal(data.images[row], expected)
+
+
+def test_decoded_images_are_cached(tiny_casting, monkeypatch, tmp_path):
+    monkeypatch.setenv("QI_CACHE_DIR", str(tmp_path / "fresh-cache"))
+    config = DataConfig(data_dir=tiny_casting, image_size=20)
+    first = prepare_data(config, progress=False)
+    assert len(cache.cached_entries()) == 1
+
+    def no_decoding(*args, **kwargs):
+        raise AssertionError("decoded again despite the cache")
+
+    monkeypatch.setattr(cache, "_decode_all", no_decoding)
+    second = prepare_data(config, progress=False)
+    assert np.array_equal(first.images, second.images) and first.digest == second.digest
+    monkeypatch.undo()
+    monkeypatch.setenv("QI_CACHE_DIR", str(tmp_path / "fresh-cache"))
+    prepare_data(DataConfig(data_dir=tiny_casting, image_size=22), progress=False)
+    assert len(cache.cached_entries()) == 2  # another size is another entry
+
+
+def test_unreadable_images_skip_or_stop(tmp_path):
+    make_class_folders(tmp_path, {"ok": 8, "bad": 8})
+    (tmp_path / "ok" / "zero.png").write_bytes(b"")
+    (tmp_path / "bad" / "text.jpg").write_text("not a jpeg")
+    data = prepare_data(DataConfig(data_dir=tmp_path, image_size=16), progress=False)
+    assert len(data.frame) == 16 and len(data.skipped) == 2
+    assert any(p.endswith("zero.png") for p in data.skipped)
+    with pytest.raises(ImageDecodeError, match="zero.png|text.jpg"):
+        prepare_data(
+            DataConfig(data_dir=tmp_path, image_size=16, bad_images="strict"), progress=False
+        )
+
+
+def test_one_class_fails_before_training(tmp_path):
+    make_class_folders(tmp_path, {"ok": 6, "bad": 2})
+    with pytest.raises(DataLayoutError, match="2 defective image"):
+        prepare_data(DataConfig(data_dir=tmp_path, image_size=16), progress=False)
+
+
+def test_loaders_give_uint8_batches_and_augment_only_training(tiny_casting):
+    data = prepare_data(DataConfig(data_dir=tiny_casting, image_size=24), progress=False)
+    module = InspectionDataModule(
+        data, DataConfig(image_size=24, batch_size=8, augment_strength=1.0)
+    )
+    images, labels = next(iter(module.train_dataloader()))
+    assert images.dtype.is_floating_point is False and images.shape == (8, 1, 24, 24)
+    assert set(labels.tolist()) <= {0.0, 1.0}
+    val_a = next(iter(module.val_dataloader()))[0]
+    val_b = next(iter(module.val_dataloader()))[0]
+    assert val_a.equal(val_b)  # no augmentation outside training
+    assert module.positive_weight() > 0
+
+
+def test_default_data_is_the_synthetic_set(monkeypatch):
+    from qi.data import synth
+
+    calls = []
+    real = synth.default_dataset
+
+    def small_default(config, progress=True):
+        calls.append(config)
+        return real(SynthConfig(n_train=20, n_test=10, image_size=24), progress=False)
+
+    monkeypatch.setattr(synth, "default_dataset", small_default)
+    data = prepare_data(DataConfig(image_size=24), progress=False)
+    assert calls and data.layout == "split_folders" and len(data.frame) == 30

@@ -1,0 +1,53 @@
+"""One real training run: Lightning trainer, sqlite MLflow store, logged pyfunc model."""
+
+import mlflow
+import pandas as pd
+import pytest
+
+from qi.train import train
+from qi.training import metric_mode, validate_metric
+
+
+def test_metric_names():
+    assert metric_mode("val/loss") == "min" and metric_mode("val/f1") == "max"
+    assert validate_metric("val/auroc") == "val/auroc"
+    with pytest.raises(ValueError, match="val/defect_recall"):
+        validate_metric("val/bogus")
+
+
+def test_one_epoch_run_is_fully_tracked(tiny_config):
+    from dataclasses import replace
+
+    config = replace(tiny_config, train=replace(tiny_config.train, epochs=2))
+    outcome = train(config, progress=False)
+    client = mlflow.MlflowClient()
+    run = client.get_run(outcome.run_id)
+    assert run.info.status == "FINISHED"
+    assert run.data.params["train.epochs"] == "2" and run.data.params["model.width"] == "8"
+    assert run.data.params["data.image_size"] == "32"
+    for key in ("qi.version", "qi.data_digest", "qi.data_layout", "qi.data_root"):
+        assert run.data.tags[key], key
+    assert run.data.tags["qi.data_digest"] == outcome.data.digest
+    # per-epoch curves, one point per epoch at step = epoch
+    for key in ("train/loss", "val/loss", "val/acc", "val/f1", "val/auroc", "val/defect_recall"):
+        history = client.get_metric_history(outcome.run_id, key)
+        assert [m.step for m in history] == [0, 1], key
+    for key in ("test/acc", "test/f1", "test/auroc", "test/defect_recall", "best_val_loss"):
+        assert key in run.data.metrics, key
+    (dataset_input,) = run.inputs.dataset_inputs
+    assert dataset_input.dataset.digest == outcome.data.digest
+    artifacts = {a.path for a in client.list_artifacts(outcome.run_id, "data")}
+    assert "data/split_counts.csv" in artifacts
+
+    model = mlflow.pyfunc.load_model(outcome.model_uri)
+    frame = outcome.data.split_frame("test").head(3)
+    payload = pd.DataFrame({"image": [open(p, "rb").read() for p in frame["image_path"]]})
+    predictions = model.predict(payload)
+    assert list(predictions.columns) == ["label", "defect_probability", "threshold"]
+    assert predictions["defect_probability"].between(0, 1).all()
+    assert set(predictions["label"]) <= {"ok", "defective"}
+    # the served model scores exactly as the trained network does
+    from qi.serving import defect_probabilities
+
+    expected = defect_probabilities(outcome.result.net, outcome.data.split("test")[0][:3])
+    assert predictions["defect_probability"].to_numpy() == pytest.approx(expected, abs=1e-5)
