@@ -8,8 +8,10 @@ never a traceback.
 from __future__ import annotations
 
 import logging
+import os
 import sys
 import warnings
+from dataclasses import replace
 from functools import wraps
 from pathlib import Path
 
@@ -23,6 +25,7 @@ from qi.config import (
     SynthConfig,
     TrackingConfig,
     TrainConfig,
+    TuneConfig,
 )
 
 log = logging.getLogger("qi")
@@ -89,8 +92,10 @@ def _empty_as_none(ctx, param, value):
     return None if value in ("", None) else value
 
 
-def data_options(func):
+def data_options(func=None, *, search_image_size: bool = False):
     """Options that say which images and how to read them (shared by train and tune)."""
+    if func is None:
+        return lambda f: data_options(f, search_image_size=search_image_size)
     defaults = DataConfig()
     options = [
         click.option(
@@ -110,10 +115,12 @@ def data_options(func):
         click.option(
             "--image-size",
             type=INT,
-            default=defaults.image_size,
-            show_default=True,
+            default=None if search_image_size else defaults.image_size,
+            show_default=not search_image_size,
             callback=_positive,
-            help="Images are resized to this square size.",
+            help="Fix the image size (default: search the space's sizes)."
+            if search_image_size
+            else "Images are resized to this square size.",
         ),
         click.option(
             "--color-mode",
@@ -339,6 +346,9 @@ def train(**options) -> None:
     """Train one model and log it as an MLflow run."""
     from qi.train import train as run_train
 
+    if not options["progress"]:
+        os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+
     config = build_run_config(options)
     outcome = run_train(config, progress=options["progress"])
     test = outcome.result.test_metrics
@@ -350,6 +360,179 @@ def train(**options) -> None:
     )
     if outcome.model_uri:
         click.echo(f"model: {outcome.model_uri}")
+
+
+@cli.command()
+@data_options(search_image_size=True)
+@click.option(
+    "--n-trials",
+    type=INT,
+    default=TuneConfig.n_trials,
+    show_default=True,
+    callback=_positive,
+    help="Finished trials the study should have (a resumed study counts its own).",
+)
+@click.option(
+    "--timeout",
+    type=float,
+    default=TuneConfig.timeout,
+    show_default=True,
+    help="Seconds for this worker; running trials stop at the deadline. 0: none.",
+)
+@click.option(
+    "--epochs",
+    type=INT,
+    default=TuneConfig.epochs,
+    show_default=True,
+    callback=_positive,
+    help="Epochs per trial.",
+)
+@click.option(
+    "--study-name",
+    default=TuneConfig.study_name,
+    show_default=True,
+    help="Same name + same storage = the same study (resume, or parallel workers).",
+)
+@click.option(
+    "--storage",
+    default=None,
+    callback=_empty_as_none,
+    help="Optuna storage: a database URL (postgresql://, mysql://, sqlite://) or a "
+    "journal file. Default: optuna-studies.journal next to the tracking store.",
+)
+@click.option(
+    "--model-name",
+    default=TuneConfig.model_name,
+    show_default=True,
+    help="Registry name for the best model.",
+)
+@click.option(
+    "--metric",
+    default=TuneConfig.metric,
+    show_default=True,
+    help="Validation metric to optimise: val/f1, val/auroc, val/acc, "
+    "val/defect_recall, val/precision or val/loss.",
+)
+@click.option(
+    "--sampler", type=click.Choice(["tpe", "random"]), default=TuneConfig.sampler, show_default=True
+)
+@click.option(
+    "--pruner",
+    type=click.Choice(["median", "hyperband", "successive_halving", "none"]),
+    default=TuneConfig.pruner,
+    show_default=True,
+)
+@click.option(
+    "--models",
+    default=None,
+    callback=_empty_as_none,
+    help="Comma-separated architectures to search (default: cnn).",
+)
+@click.option(
+    "--search-space",
+    default=None,
+    callback=_empty_as_none,
+    help="JSON file overriding search-space ranges and choices.",
+)
+@click.option(
+    "--pretrained",
+    default=None,
+    callback=_empty_as_none,
+    help="For backbones: 'imagenet' (torch's hub cache) or a weights file.",
+)
+@click.option(
+    "--enqueue",
+    default=None,
+    callback=_empty_as_none,
+    help='Trials to run first, as JSON (inline or a file): {"model.width": 24, ...} or a list.',
+)
+@click.option("--seed", type=INT, default=TuneConfig.seed, show_default=True)
+@click.option("--experiment", default=TrackingConfig.experiment, show_default=True)
+@click.option("--run-name", default=None, callback=_empty_as_none)
+@click.option("--tracking-uri", default=None, callback=_empty_as_none)
+@click.option("--progress/--no-progress", default=True, help="Progress bars.")
+@_user_errors
+def tune(**options) -> None:
+    """Run an Optuna study; every trial is a nested MLflow run."""
+    from qi.tuning import tune as run_tune
+
+    if not options["progress"]:
+        os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+
+    base, tune_config = build_tune_config(options)
+    outcome = run_tune(base, tune_config, progress=options["progress"])
+    study = outcome.study
+    click.echo(
+        f"study {study.study_name}: {len(study.trials)} trials, parent run {outcome.parent_run_id}"
+    )
+    if outcome.best_trial is not None:
+        test = outcome.test_metrics
+        click.echo(
+            f"best trial {outcome.best_trial.number}: {tune_config.metric} "
+            f"{outcome.best_trial.value:.4f}; test accuracy {test['test/acc']:.4f}, "
+            f"F1 {test['test/f1']:.4f}, defect recall {test['test/defect_recall']:.4f}"
+        )
+        click.echo(f"model: {outcome.model_uri}")
+
+
+def build_tune_config(options: dict) -> tuple[RunConfig, TuneConfig]:
+    from qi.study_setup import load_search_space
+
+    try:
+        search_space = options["search_space"]
+        space = load_search_space(Path(search_space) if search_space else None)
+        if options["models"]:
+            space = replace(space, models=tuple(m.strip() for m in options["models"].split(",")))
+        if options["image_size"]:
+            space = replace(space, image_sizes=(options["image_size"],))
+        from qi.study_setup import check_search_space, parse_enqueue
+        from qi.training import validate_metric
+
+        check_search_space(space)
+        validate_metric(options["metric"])
+        enqueue = parse_enqueue(options["enqueue"])
+    except ValueError as exc:
+        raise click.UsageError(str(exc)) from exc
+    timeout = options["timeout"] if options["timeout"] else None
+    tune_config = TuneConfig(
+        study_name=options["study_name"],
+        storage=options["storage"],
+        n_trials=options["n_trials"],
+        timeout=timeout,
+        epochs=options["epochs"],
+        metric=options["metric"],
+        sampler=options["sampler"],
+        pruner=options["pruner"],
+        seed=options["seed"],
+        model_name=options["model_name"],
+        space=space,
+        enqueue=enqueue,
+    )
+    data = DataConfig(
+        data_dir=Path(options["data_dir"]) if options["data_dir"] else None,
+        ok_class=options["ok_class"],
+        image_size=options["image_size"] or DataConfig.image_size,
+        color_mode=options["color_mode"],
+        clahe=options["clahe"],
+        augment_strength=options["augment_strength"],
+        batch_size=options["batch_size"],
+        val_fraction=options["val_fraction"],
+        test_fraction=options["test_fraction"],
+        max_images=options["max_images"],
+        bad_images=options["bad_images"],
+        seed=options["seed"],
+    )
+    base = RunConfig(
+        data=data,
+        model=ModelConfig(pretrained=options["pretrained"]),
+        train=TrainConfig(seed=options["seed"]),
+        tracking=TrackingConfig(
+            tracking_uri=options["tracking_uri"],
+            experiment=options["experiment"],
+            run_name=options["run_name"],
+        ),
+    )
+    return base, tune_config
 
 
 def build_run_config(options: dict) -> RunConfig:

@@ -90,6 +90,7 @@ class TrainConfig:
     precision: str | None = None  # None: bf16/16 mixed on GPU, 32 on CPU
     deterministic: bool = False
     limit_batches: float | int | None = None  # tests shrink epochs with this
+    max_seconds: float | None = None  # wall-clock cap of one fit (a study's deadline)
     seed: int = 42
 
 
@@ -112,6 +113,45 @@ class RunConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     synth: SynthConfig = field(default_factory=SynthConfig)
+
+
+@dataclass(frozen=True)
+class SearchSpace:
+    """What a study may vary. Ranges are (low, high); tuples of names or sizes are choices.
+
+    The defaults keep one trial to well under a minute on 2 CPU cores at the default budget.
+    """
+
+    learning_rate: tuple[float, float] = (3e-4, 1e-2)  # log scale
+    optimizers: tuple[str, ...] = ("adamw", "adam", "sgd")
+    weight_decay: tuple[float, float] = (1e-6, 1e-2)  # log scale
+    batch_sizes: tuple[int, ...] = (16, 32, 64)
+    dropout: tuple[float, float] = (0.0, 0.5)
+    activations: tuple[str, ...] = ("relu", "gelu", "silu")
+    models: tuple[str, ...] = ("cnn",)
+    depth: tuple[int, int] = (3, 5)  # cnn only
+    widths: tuple[int, ...] = (8, 16, 24)  # cnn only
+    augment_strength: tuple[float, float] = (0.0, 1.0)
+    image_sizes: tuple[int, ...] = (64, 96, 128)
+
+
+@dataclass(frozen=True)
+class TuneConfig:
+    """The Optuna study around :class:`RunConfig`: budget, objective, sampler, pruner, storage."""
+
+    study_name: str = "qi"
+    storage: str | None = None  # None: a journal file next to the tracking store
+    n_trials: int = 20  # finished (complete or pruned) trials the study should have
+    timeout: float | None = 480.0  # seconds for this worker; running trials stop at the deadline
+    epochs: int = 10  # per trial
+    metric: str = "val/f1"  # F1 of the defective class
+    sampler: str = "tpe"
+    pruner: str = "median"
+    seed: int = 42
+    start_with_defaults: bool = True  # trial 0 is `qi train`'s configuration
+    model_name: str = DEFAULT_MODEL_NAME  # registry name of the best model
+    enqueue: tuple[dict, ...] = ()  # configurations to evaluate first (dotted param names)
+    space: SearchSpace = field(default_factory=SearchSpace)
 
 
 def flatten(config: Any, prefix: str = "") -> dict[str, Any]:
@@ -146,9 +186,11 @@ __all__ = [
     "DataConfig",
     "ModelConfig",
     "RunConfig",
+    "SearchSpace",
     "SynthConfig",
     "TrackingConfig",
     "TrainConfig",
+    "TuneConfig",
     "cache_dir",
     "flatten",
     "replace",

@@ -108,8 +108,10 @@ def git_commit() -> str | None:
     return out.stdout.strip() or None
 
 
-def standard_tags(data_digest: str, extra: dict[str, str] | None = None) -> dict[str, str]:
-    tags = {f"{TAG_PREFIX}version": qi.__version__, f"{TAG_PREFIX}data_digest": data_digest}
+def standard_tags(data_digest: str | None, extra: dict[str, str] | None = None) -> dict[str, str]:
+    tags = {f"{TAG_PREFIX}version": qi.__version__}
+    if data_digest:
+        tags[f"{TAG_PREFIX}data_digest"] = data_digest
     commit = git_commit()
     if commit:
         tags[f"{TAG_PREFIX}git_commit"] = commit
@@ -117,9 +119,9 @@ def standard_tags(data_digest: str, extra: dict[str, str] | None = None) -> dict
     return tags
 
 
-def log_config(config: Any, run_id: str) -> None:
+def log_config(config: Any, run_id: str, prefix: str = "") -> None:
     """Every setting of a (nested) config dataclass as a run param."""
-    params = {k: "" if v is None else v for k, v in flatten(config).items()}
+    params = {k: "" if v is None else v for k, v in flatten(config, prefix).items()}
     client = mlflow.MlflowClient()
     from mlflow.entities import Param
 

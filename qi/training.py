@@ -229,6 +229,7 @@ def fit(
             limit_test_batches=limit,
             default_root_dir=ckpt_dir,
             log_every_n_steps=1,
+            max_time=None if train.max_seconds is None else {"seconds": max(train.max_seconds, 1)},
         )
         started = time.perf_counter()
         with warnings.catch_warnings():

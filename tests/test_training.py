@@ -1,5 +1,7 @@
 """One real training run: Lightning trainer, sqlite MLflow store, logged pyfunc model."""
 
+from pathlib import Path
+
 import mlflow
 import pandas as pd
 import pytest
@@ -41,7 +43,7 @@ def test_one_epoch_run_is_fully_tracked(tiny_config):
 
     model = mlflow.pyfunc.load_model(outcome.model_uri)
     frame = outcome.data.split_frame("test").head(3)
-    payload = pd.DataFrame({"image": [open(p, "rb").read() for p in frame["image_path"]]})
+    payload = pd.DataFrame({"image": [Path(p).read_bytes() for p in frame["image_path"]]})
     predictions = model.predict(payload)
     assert list(predictions.columns) == ["label", "defect_probability", "threshold"]
     assert predictions["defect_probability"].between(0, 1).all()

@@ -1,0 +1,3 @@
+from qi.cli import main
+
+main()

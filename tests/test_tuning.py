@@ -1,0 +1,169 @@
+"""Optuna studies with real storage, real Lightning fits and a real sqlite MLflow store."""
+
+import json
+from dataclasses import replace
+
+import mlflow
+import optuna
+import pytest
+from optuna.trial import FixedTrial, TrialState
+
+from qi.config import RunConfig, SearchSpace, TuneConfig
+from qi.study_setup import (
+    apply_params,
+    default_params,
+    default_storage_path,
+    load_search_space,
+    parse_enqueue,
+    suggest_params,
+)
+from qi.tuning import tune
+
+TINY_SPACE = SearchSpace(batch_sizes=(16,), depth=(2, 3), widths=(4, 8), image_sizes=(32,))
+
+
+def test_params_map_onto_the_config():
+    trial = FixedTrial(
+        {
+            "train.learning_rate": 0.005,
+            "train.optimizer": "sgd",
+            "train.weight_decay": 1e-5,
+            "data.batch_size": 64,
+            "data.augment_strength": 0.1,
+            "model.dropout": 0.3,
+            "model.name": "cnn",
+            "data.image_size": 96,
+            "model.activation": "silu",
+            "model.depth": 4,
+            "model.width": 24,
+        }
+    )
+    config = apply_params(RunConfig(), suggest_params(trial, SearchSpace()))
+    assert config.train.optimizer == "sgd" and config.model.width == 24
+    assert config.data.image_size == 96 and config.data.batch_size == 64
+    assert config.data.data_dir is None  # untouched fields stay
+
+
+def test_default_configuration_is_the_first_trial_when_inside_the_space():
+    params = default_params(RunConfig(), SearchSpace())
+    assert apply_params(RunConfig(), params) == RunConfig()
+    assert default_params(RunConfig(), SearchSpace(image_sizes=(64,))) is None
+
+
+def test_search_space_file_and_enqueue_parsing(tmp_path):
+    path = tmp_path / "space.json"
+    path.write_text(json.dumps({"models": ["cnn", "resnet18"], "widths": [8]}))
+    space = load_search_space(path)
+    assert space.models == ("cnn", "resnet18") and space.widths == (8,)
+    path.write_text(json.dumps({"modles": ["cnn"]}))
+    with pytest.raises(ValueError, match="unknown keys"):
+        load_search_space(path)
+    path.write_text(json.dumps({"models": ["vgg"]}))
+    with pytest.raises(ValueError, match="unknown model"):
+        load_search_space(path)
+    assert parse_enqueue('{"model.width": 8}') == ({"model.width": 8},)
+    with pytest.raises(ValueError, match="JSON"):
+        parse_enqueue("{not json")
+
+
+def test_default_storage_sits_next_to_the_tracking_db(tmp_path):
+    uri = f"sqlite:///{tmp_path / 'sub' / 'mlflow.db'}"
+    assert default_storage_path(uri) == tmp_path / "sub" / "optuna-studies.journal"
+
+
+class PruneTrial(optuna.pruners.BasePruner):
+    """Prunes one chosen trial at its first report: a real pruner with a known outcome."""
+
+    def __init__(self, number: int) -> None:
+        self.number = number
+
+    def prune(self, study, trial) -> bool:
+        return trial.number == self.number
+
+
+def _tiny_tune(tiny_config: RunConfig, **changes) -> TuneConfig:
+    return replace(
+        TuneConfig(n_trials=3, epochs=2, timeout=None, space=TINY_SPACE, study_name="tiny"),
+        **changes,
+    )
+
+
+@pytest.mark.slow
+def test_trials_are_nested_runs_with_pruned_and_failed_states(tiny_config, monkeypatch, tmp_path):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "no-weights"))
+    base = replace(tiny_config, model=replace(tiny_config.model, pretrained="imagenet"))
+    space = replace(TINY_SPACE, models=("cnn", "mobilenet_v3_small"))
+    # trial 0: qi train's defaults (cnn); trial 1: a backbone whose weights are missing -> FAIL
+    config = _tiny_tune(
+        tiny_config,
+        space=space,
+        n_trials=3,
+        enqueue=(
+            {"model.name": "mobilenet_v3_small"},
+            {"model.name": "cnn"},
+            {"model.name": "cnn"},
+        ),
+    )
+    outcome = tune(base, config, progress=False, pruner=PruneTrial(number=2))
+    states = {t.number: t.state for t in outcome.study.trials}
+    assert states[1] == TrialState.FAIL and states[2] == TrialState.PRUNED
+    finished = [
+        t for t in outcome.study.trials if t.state in (TrialState.COMPLETE, TrialState.PRUNED)
+    ]
+    assert len(finished) == 3  # failures do not count towards n_trials
+
+    client = mlflow.MlflowClient()
+    parent = client.get_run(outcome.parent_run_id)
+    children = client.search_runs(
+        [parent.info.experiment_id],
+        filter_string=f"tags.mlflow.parentRunId = '{outcome.parent_run_id}'",
+    )
+    assert len(children) == len(outcome.study.trials)
+    by_number = {int(r.data.tags["qi.trial_number"]): r for r in children}
+    expected = {
+        TrialState.COMPLETE: "FINISHED",
+        TrialState.PRUNED: "KILLED",
+        TrialState.FAIL: "FAILED",
+    }
+    for trial in outcome.study.trials:
+        run = by_number[trial.number]
+        assert run.info.status == expected[trial.state], trial.number
+        assert trial.user_attrs["mlflow_run_id"] == run.info.run_id
+    assert "WeightsNotFoundError" in by_number[1].data.tags["qi.error"]
+    assert by_number[2].data.tags["qi.trial_state"] == "pruned"
+    pruned_curve = client.get_metric_history(by_number[2].info.run_id, "val/f1")
+    assert len(pruned_curve) == 1  # its curve up to the prune
+    complete = by_number[0]
+    assert [m.step for m in client.get_metric_history(complete.info.run_id, "val/loss")] == [0, 1]
+    assert complete.data.params["train.learning_rate"]
+    assert "objective" in complete.data.metrics
+
+    assert parent.data.tags["qi.kind"] == "tune" and parent.data.tags["qi.study_name"] == "tiny"
+    assert parent.data.params["tune.metric"] == "val/f1"
+    assert "best_value" in parent.data.metrics and "test/acc" in parent.data.metrics
+    assert parent.data.params["best.model.name"] == "cnn"
+    artifacts = {a.path for a in client.list_artifacts(outcome.parent_run_id, "study")}
+    assert {"study/trials.csv", "study/optimization_history.png"} <= artifacts
+    assert outcome.model_uri and mlflow.pyfunc.load_model(outcome.model_uri)
+
+
+@pytest.mark.slow
+def test_a_second_tune_resumes_the_study(tiny_config):
+    first = tune(tiny_config, _tiny_tune(tiny_config, n_trials=2), progress=False)
+    assert len(first.study.trials) == 2
+    second = tune(tiny_config, _tiny_tune(tiny_config, n_trials=3), progress=False)
+    trials = second.study.trials
+    assert len(trials) == 3 and [t.number for t in trials] == [0, 1, 2]
+    client = mlflow.MlflowClient()
+    parent = client.get_run(second.parent_run_id)
+    assert parent.data.tags["qi.continues_study"] == "true"
+    assert parent.data.metrics["trials_before"] == 2
+    children = client.search_runs(
+        [parent.info.experiment_id], filter_string="tags.`qi.kind` = 'trial'"
+    )
+    assert sorted(int(r.data.tags["qi.trial_number"]) for r in children) == [0, 1, 2]
+    by_parent = {r.data.tags["mlflow.parentRunId"] for r in children}
+    assert by_parent == {first.parent_run_id, second.parent_run_id}
+    # a finished study is not run again
+    third = tune(tiny_config, _tiny_tune(tiny_config, n_trials=3), progress=False)
+    assert len(third.study.trials) == 3
