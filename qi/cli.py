@@ -16,10 +16,12 @@ from functools import wraps
 from pathlib import Path
 
 import click
+from mlflow.exceptions import MlflowException
 
 import qi
 from qi.config import (
     DataConfig,
+    EvaluationConfig,
     ModelConfig,
     RunConfig,
     SynthConfig,
@@ -27,6 +29,7 @@ from qi.config import (
     TrainConfig,
     TuneConfig,
 )
+from qi.evaluation import PROMOTION_METRICS
 
 log = logging.getLogger("qi")
 
@@ -234,6 +237,56 @@ def model_options(func):
     return func
 
 
+def evaluation_options(func):
+    options = [
+        click.option(
+            "--target-recall",
+            type=float,
+            default=EvaluationConfig.target_recall,
+            show_default=True,
+            callback=_recall,
+            help="Defect recall the threshold must reach on the validation split.",
+        ),
+        click.option(
+            "--promotion-metric",
+            type=click.Choice(PROMOTION_METRICS),
+            default=EvaluationConfig.promotion_metric,
+            show_default=True,
+            help="Test metric a new version must beat to become champion.",
+        ),
+        click.option(
+            "--register/--no-register",
+            default=EvaluationConfig.register,
+            show_default=True,
+            help="Register the best model.",
+        ),
+        click.option(
+            "--force-promote",
+            is_flag=True,
+            default=False,
+            help="Make the new version champion whatever the comparison says.",
+        ),
+    ]
+    for option in reversed(options):
+        func = option(func)
+    return func
+
+
+def _recall(ctx, param, value):
+    if value is not None and not 0 < value <= 1:
+        raise click.BadParameter(f"must be in (0, 1], got {value}")
+    return value
+
+
+def _evaluation_config(options: dict) -> EvaluationConfig:
+    return EvaluationConfig(
+        target_recall=options.get("target_recall", EvaluationConfig.target_recall),
+        promotion_metric=options.get("promotion_metric", EvaluationConfig.promotion_metric),
+        register=options.get("register", EvaluationConfig.register),
+        force_promote=options.get("force_promote", False),
+    )
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(qi.__version__, prog_name="qi")
 @click.option("-v", "--verbose", count=True, help="More log output (-vv for debug).")
@@ -341,6 +394,14 @@ def data_synth(
     help="Default: MLFLOW_TRACKING_URI, else sqlite:///mlflow.db here.",
 )
 @click.option("--progress/--no-progress", default=True, help="Progress bars.")
+@click.option(
+    "--target-recall",
+    type=float,
+    default=EvaluationConfig.target_recall,
+    show_default=True,
+    callback=_recall,
+    help="Defect recall the threshold must reach on the validation split.",
+)
 @_user_errors
 def train(**options) -> None:
     """Train one model and log it as an MLflow run."""
@@ -351,13 +412,11 @@ def train(**options) -> None:
 
     config = build_run_config(options)
     outcome = run_train(config, progress=options["progress"])
-    test = outcome.result.test_metrics
     click.echo(
-        f"run {outcome.run_id}: test accuracy {test.get('test/acc', float('nan')):.4f}, "
-        f"F1 {test.get('test/f1', float('nan')):.4f}, defect recall "
-        f"{test.get('test/defect_recall', float('nan')):.4f} "
-        f"({outcome.result.epochs_run} epochs, {outcome.result.seconds:.0f} s)"
+        f"run {outcome.run_id}: {outcome.result.epochs_run} epochs, {outcome.result.seconds:.0f} s"
     )
+    if outcome.evaluation is not None:
+        click.echo(describe_evaluation(outcome.evaluation))
     if outcome.model_uri:
         click.echo(f"model: {outcome.model_uri}")
 
@@ -451,6 +510,7 @@ def train(**options) -> None:
 @click.option("--run-name", default=None, callback=_empty_as_none)
 @click.option("--tracking-uri", default=None, callback=_empty_as_none)
 @click.option("--progress/--no-progress", default=True, help="Progress bars.")
+@evaluation_options
 @_user_errors
 def tune(**options) -> None:
     """Run an Optuna study; every trial is a nested MLflow run."""
@@ -466,13 +526,103 @@ def tune(**options) -> None:
         f"study {study.study_name}: {len(study.trials)} trials, parent run {outcome.parent_run_id}"
     )
     if outcome.best_trial is not None:
-        test = outcome.test_metrics
         click.echo(
             f"best trial {outcome.best_trial.number}: {tune_config.metric} "
-            f"{outcome.best_trial.value:.4f}; test accuracy {test['test/acc']:.4f}, "
-            f"F1 {test['test/f1']:.4f}, defect recall {test['test/defect_recall']:.4f}"
+            f"{outcome.best_trial.value:.4f}"
         )
+        click.echo(describe_evaluation(outcome.evaluation))
         click.echo(f"model: {outcome.model_uri}")
+    if outcome.decision is not None:
+        d = outcome.decision
+        click.echo(
+            f"registered {tune_config.model_name} version {d.version} as {d.alias}: {d.reason}"
+        )
+
+
+def describe_evaluation(evaluation) -> str:
+    m, h = evaluation.metrics, evaluation.metrics_at_half
+    return (
+        f"test at threshold {evaluation.threshold:.3f}: accuracy {m['acc']:.4f}, "
+        f"F1 {m['f1']:.4f}, defect recall {m['defect_recall']:.4f}, ROC AUC {m['auroc']:.4f}"
+        f" (at 0.5: accuracy {h['acc']:.4f}, defect recall {h['defect_recall']:.4f})"
+    )
+
+
+@cli.command()
+@click.option(
+    "--model",
+    "model_uri",
+    required=True,
+    help="models:/NAME@champion, models:/NAME/3, models:/m-<id> or runs:/<id>/model.",
+)
+@click.option(
+    "--data-dir",
+    default=None,
+    callback=_empty_as_none,
+    help="Images to evaluate on (their test split). Default: the embedded set.",
+)
+@click.option("--ok-class", default=None, callback=_empty_as_none)
+@click.option(
+    "--seed",
+    type=INT,
+    default=DataConfig.seed,
+    show_default=True,
+    help="Split seed: use the training run's to evaluate on its test split.",
+)
+@click.option("--experiment", default=TrackingConfig.experiment, show_default=True)
+@click.option("--tracking-uri", default=None, callback=_empty_as_none)
+@click.option("--progress/--no-progress", default=True)
+@_user_errors
+def evaluate(model_uri, data_dir, ok_class, seed, experiment, tracking_uri, progress) -> None:
+    """Evaluate a logged model on a data set's test split and log the report as a run."""
+    from qi.evaluation_report import evaluate_logged_model
+
+    data = DataConfig(data_dir=Path(data_dir) if data_dir else None, ok_class=ok_class, seed=seed)
+    tracking = TrackingConfig(tracking_uri=tracking_uri, experiment=experiment)
+    try:
+        run_id, evaluation = evaluate_logged_model(model_uri, data, tracking, progress)
+    except MlflowException as exc:
+        raise click.ClickException(f"cannot load {model_uri}: {str(exc).splitlines()[0]}") from exc
+    click.echo(f"run {run_id}: {describe_evaluation(evaluation)}")
+
+
+@cli.command()
+@click.option("--model-name", default=TuneConfig.model_name, show_default=True)
+@click.option("--version", default=None, help="Registered version to promote.")
+@click.option("--run-id", default=None, help="Register this run's model, then promote it.")
+@click.option(
+    "--metric",
+    type=click.Choice(PROMOTION_METRICS),
+    default=EvaluationConfig.promotion_metric,
+    show_default=True,
+)
+@click.option("--force", is_flag=True, help="Make it champion without comparing.")
+@click.option(
+    "--data-dir",
+    default=None,
+    callback=_empty_as_none,
+    help="Test images for the comparison (default: the version's own data).",
+)
+@click.option("--tracking-uri", default=None, callback=_empty_as_none)
+@_user_errors
+def promote(model_name, version, run_id, metric, force, data_dir, tracking_uri) -> None:
+    """Compare a version with the champion and move the champion/challenger aliases."""
+    from qi.registry import promote_by_hand
+    from qi.tracking import configure_tracking
+
+    configure_tracking(TrackingConfig(tracking_uri=tracking_uri))
+    try:
+        decision = promote_by_hand(
+            model_name,
+            version=version,
+            run_id=run_id,
+            data_dir=Path(data_dir) if data_dir else None,
+            metric=metric,
+            force=force,
+        )
+    except (ValueError, MlflowException) as exc:
+        raise click.ClickException(str(exc).splitlines()[0]) from exc
+    click.echo(f"{model_name} version {decision.version} is {decision.alias}: {decision.reason}")
 
 
 def build_tune_config(options: dict) -> tuple[RunConfig, TuneConfig]:
@@ -523,6 +673,7 @@ def build_tune_config(options: dict) -> tuple[RunConfig, TuneConfig]:
         seed=options["seed"],
     )
     base = RunConfig(
+        evaluation=_evaluation_config(options),
         data=data,
         model=ModelConfig(pretrained=options["pretrained"]),
         train=TrainConfig(seed=options["seed"]),
@@ -573,7 +724,13 @@ def build_run_config(options: dict) -> RunConfig:
         experiment=options["experiment"],
         run_name=options["run_name"],
     )
-    return RunConfig(data=data, model=model, train=train_config, tracking=tracking)
+    return RunConfig(
+        data=data,
+        model=model,
+        train=train_config,
+        tracking=tracking,
+        evaluation=_evaluation_config(options),
+    )
 
 
 def main() -> None:

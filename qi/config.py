@@ -95,6 +95,16 @@ class TrainConfig:
 
 
 @dataclass(frozen=True)
+class EvaluationConfig:
+    """The operating point and how a new model is compared with the champion."""
+
+    target_recall: float = 0.99  # threshold chosen on validation to catch this share of defects
+    promotion_metric: str = "f1"  # test metric a new version must beat: f1, acc, auroc, ...
+    register: bool = True  # tune registers its best model
+    force_promote: bool = False
+
+
+@dataclass(frozen=True)
 class TrackingConfig:
     """Where runs go. ``tracking_uri=None`` keeps MLFLOW_TRACKING_URI or a local sqlite store."""
 
@@ -112,6 +122,7 @@ class RunConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
     synth: SynthConfig = field(default_factory=SynthConfig)
 
 
@@ -184,6 +195,7 @@ __all__ = [
     "BadImagePolicy",
     "ColorMode",
     "DataConfig",
+    "EvaluationConfig",
     "ModelConfig",
     "RunConfig",
     "SearchSpace",

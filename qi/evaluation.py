@@ -1,11 +1,24 @@
-"""Held-out figures of a trained network, computed with scikit-learn from its scores."""
+"""Held-out evaluation: metrics, the operating threshold, per-defect-type recall.
+
+In inspection a missed defect costs more than a false alarm, so the decision threshold is
+chosen on the *validation* split to reach a target defect recall, and the *test* split (never
+seen by training or tuning) reports the figures at that threshold and at 0.5. Everything here
+is computed from (labels, scores) with scikit-learn and is free of side effects; plotting and
+logging live in :mod:`qi.evaluation_report`.
+"""
 
 from __future__ import annotations
 
+import math
+from dataclasses import dataclass, field
+
 import numpy as np
+import pandas as pd
 from sklearn.metrics import (
     accuracy_score,
     average_precision_score,
+    classification_report,
+    confusion_matrix,
     f1_score,
     precision_score,
     recall_score,
@@ -14,7 +27,9 @@ from sklearn.metrics import (
 
 from qi.data.datamodule import PreparedData
 from qi.models import InspectionNet
-from qi.serving import defect_probabilities
+from qi.serving import LABELS, defect_probabilities
+
+PROMOTION_METRICS = ("f1", "acc", "auroc", "average_precision", "defect_recall", "macro_f1")
 
 
 def score_split(
@@ -25,17 +40,129 @@ def score_split(
     return labels, defect_probabilities(net, images)
 
 
+def choose_threshold(labels: np.ndarray, scores: np.ndarray, target_recall: float) -> float:
+    """The highest threshold whose defect recall on these scores is at least ``target_recall``.
+
+    The highest such threshold raises the fewest false alarms. With ``n`` defective images the
+    recall is reached by flagging the ``ceil(target * n)`` highest-scored of them, so the
+    threshold is that image's score. Without defective images the default 0.5 stands.
+    """
+    if not 0 < target_recall <= 1:
+        raise ValueError(f"target recall must be in (0, 1], got {target_recall}")
+    positives = np.sort(np.asarray(scores)[np.asarray(labels) == 1])[::-1]
+    if positives.size == 0:
+        return 0.5
+    needed = math.ceil(target_recall * positives.size - 1e-9)
+    return float(positives[needed - 1])
+
+
 def binary_metrics(labels: np.ndarray, scores: np.ndarray, threshold: float = 0.5) -> dict:
-    """Accuracy, precision, defect recall, F1 at ``threshold``; ROC AUC and AP over scores."""
+    """Accuracy, precision, defect recall, F1 (defective class and macro) at ``threshold``;
+    ROC AUC and average precision over the scores."""
     predicted = (scores >= threshold).astype(int)
     both_classes = len(np.unique(labels)) == 2
     return {
         "acc": accuracy_score(labels, predicted),
         "precision": precision_score(labels, predicted, zero_division=0),
         "defect_recall": recall_score(labels, predicted, zero_division=0),
+        "ok_recall": recall_score(labels, predicted, pos_label=0, zero_division=0),
         "f1": f1_score(labels, predicted, zero_division=0),
+        "macro_f1": f1_score(labels, predicted, average="macro", zero_division=0),
         "auroc": roc_auc_score(labels, scores) if both_classes else float("nan"),
         "average_precision": average_precision_score(labels, scores)
         if both_classes
         else float("nan"),
     }
+
+
+def recall_by_defect_type(
+    frame: pd.DataFrame, scores: np.ndarray, threshold: float
+) -> pd.DataFrame:
+    """Per defect type: images, caught, recall. Shows which kinds of defects slip through."""
+    table = frame.assign(caught=scores >= threshold)
+    table = table[table["label"] == 1]
+    grouped = table.groupby("defect_type")["caught"].agg(images="size", caught="sum")
+    grouped["recall"] = grouped["caught"] / grouped["images"]
+    return grouped.reset_index().sort_values("recall").reset_index(drop=True)
+
+
+@dataclass
+class Evaluation:
+    """Test-split figures of one model at its operating threshold and at 0.5."""
+
+    threshold: float
+    target_recall: float
+    labels: np.ndarray
+    scores: np.ndarray
+    frame: pd.DataFrame  # the split's rows (image_path, label, defect_type)
+    metrics: dict[str, float]  # at ``threshold``
+    metrics_at_half: dict[str, float]
+    report: dict = field(default_factory=dict)  # scikit-learn classification report
+    report_text: str = ""
+    by_defect_type: pd.DataFrame | None = None
+
+    @property
+    def predicted(self) -> np.ndarray:
+        return (self.scores >= self.threshold).astype(int)
+
+    def confusion(self, normalize: str | None = None) -> np.ndarray:
+        return confusion_matrix(self.labels, self.predicted, labels=[0, 1], normalize=normalize)
+
+    def flat_metrics(self, prefix: str = "test") -> dict[str, float]:
+        """MLflow metric names: ``test/<m>`` at the threshold, ``test_at_0.5/<m>`` at 0.5."""
+        flat = {f"{prefix}/{k}": v for k, v in self.metrics.items()}
+        flat |= {f"{prefix}_at_0.5/{k}": v for k, v in self.metrics_at_half.items()}
+        matrix = self.confusion()
+        for i, true in enumerate(LABELS):
+            for j, pred in enumerate(LABELS):
+                flat[f"{prefix}/confusion_{true}_as_{pred}"] = float(matrix[i, j])
+        flat["threshold"] = self.threshold
+        return flat
+
+
+def evaluate(
+    net: InspectionNet, data: PreparedData, target_recall: float, split: str = "test"
+) -> Evaluation:
+    """Choose the threshold on validation, then measure ``split`` at it and at 0.5."""
+    val_labels, val_scores = score_split(net, data, "val")
+    threshold = choose_threshold(val_labels, val_scores, target_recall)
+    labels, scores = score_split(net, data, split)
+    return evaluation_from_scores(labels, scores, data.split_frame(split), threshold, target_recall)
+
+
+def evaluation_from_scores(
+    labels: np.ndarray,
+    scores: np.ndarray,
+    frame: pd.DataFrame,
+    threshold: float,
+    target_recall: float,
+) -> Evaluation:
+    predicted = (scores >= threshold).astype(int)
+    report = classification_report(
+        labels,
+        predicted,
+        labels=[0, 1],
+        target_names=list(LABELS),
+        output_dict=True,
+        zero_division=0,
+    )
+    text = classification_report(
+        labels, predicted, labels=[0, 1], target_names=list(LABELS), digits=4, zero_division=0
+    )
+    defect_types = frame.loc[frame["label"] == 1, "defect_type"]
+    # a lone "defect" folder names no types: nothing to break down
+    by_type = None
+    if (defect_types != "defect").any():
+        by_type = recall_by_defect_type(frame, scores, threshold)
+    return Evaluation(
+        threshold=threshold,
+        target_recall=target_recall,
+        labels=labels,
+        scores=scores,
+        frame=frame.reset_index(drop=True),
+        metrics=binary_metrics(labels, scores, threshold),
+        metrics_at_half=binary_metrics(labels, scores, 0.5),
+        report=report,
+        report_text=text,
+        by_defect_type=by_type,
+    )

@@ -96,6 +96,10 @@ def prepare_batch(items: list, config: PreprocessConfig) -> np.ndarray:
     return out
 
 
+# qi validates its own inputs; MLflow's nudge to add predict type hints does not apply
+warnings.filterwarnings("ignore", message=".*Add type hints to the `predict` method.*")
+
+
 class InspectionModel(mlflow.pyfunc.PythonModel):
     """pyfunc wrapper: validate, preprocess, score, threshold."""
 

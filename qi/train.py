@@ -9,6 +9,8 @@ import mlflow
 
 from qi.config import RunConfig
 from qi.data.datamodule import PreparedData, check_data_dir, prepare_data
+from qi.evaluation import Evaluation, evaluate
+from qi.evaluation_report import log_evaluation
 from qi.serving import ModelSpec, log_inspection_model
 from qi.tracking import (
     configure_tracking,
@@ -31,6 +33,7 @@ class TrainOutcome:
     result: FitResult
     data: PreparedData
     model_uri: str | None
+    evaluation: Evaluation | None = None
 
 
 def log_prepared_data(data: PreparedData, run_id: str) -> None:
@@ -81,9 +84,16 @@ def train(config: RunConfig, progress: bool = True) -> TrainOutcome:
             },
             run_id,
         )
+        evaluation = None
+        if (data.frame["split"] == "test").any():
+            evaluation = evaluate(result.net, data, config.evaluation.target_recall)
+            log_evaluation(evaluation, run_id, title="qi train: test evaluation")
         model_uri = None
         if config.tracking.log_model:
-            spec = ModelSpec(model=config.model, preprocess=data.preprocess)
+            threshold = evaluation.threshold if evaluation else 0.5
+            spec = ModelSpec(model=config.model, preprocess=data.preprocess, threshold=threshold)
             info = log_inspection_model(result.net, spec, example_image=data.images[0])
             model_uri = info.model_uri
-    return TrainOutcome(run_id=run_id, result=result, data=data, model_uri=model_uri)
+    return TrainOutcome(
+        run_id=run_id, result=result, data=data, model_uri=model_uri, evaluation=evaluation
+    )

@@ -31,7 +31,9 @@ from optuna_integration import PyTorchLightningPruningCallback
 
 from qi.config import RunConfig, TuneConfig
 from qi.data.datamodule import PreparedData, check_data_dir, prepare_data
-from qi.evaluation import binary_metrics, score_split
+from qi.evaluation import Evaluation, evaluate
+from qi.evaluation_report import log_evaluation
+from qi.registry import PromotionDecision, promote, register
 from qi.serving import ModelSpec, load_network, log_inspection_model
 from qi.study_report import log_study_report
 from qi.study_setup import (
@@ -65,10 +67,12 @@ MODEL_DIR = "trial_model"
 @dataclass
 class TuneOutcome:
     parent_run_id: str
-    study: optuna.Study
+    study: optuna.Study | None
     best_trial: optuna.trial.FrozenTrial | None
-    test_metrics: dict[str, float]
+    evaluation: Evaluation | None
     model_uri: str | None
+    registered_version: str | None = None
+    decision: PromotionDecision | None = None
 
 
 def worker_id() -> str:
@@ -327,9 +331,10 @@ def tune(
         best = _best_trial(study)
         if best is None:
             log.warning("study %s has no completed trial yet", config.study_name)
-            return TuneOutcome(parent_run_id, study, None, {}, None)
-        test_metrics, model_uri = _finish_best(best, data, parent_run_id, config)
-    return TuneOutcome(parent_run_id, study, best, test_metrics, model_uri)
+            return TuneOutcome(parent_run_id, study, None, None, None)
+        outcome = _finish_best(best, data, base, config, parent_run_id)
+    outcome.study = study
+    return outcome
 
 
 def _best_trial(study: optuna.Study) -> optuna.trial.FrozenTrial | None:
@@ -339,8 +344,10 @@ def _best_trial(study: optuna.Study) -> optuna.trial.FrozenTrial | None:
         return None
 
 
-def _finish_best(best, data: DataByImageSize, parent_run_id: str, config: TuneConfig):
-    """Best value and params on the parent; the best model evaluated on test and logged."""
+def _finish_best(
+    best, data: DataByImageSize, base: RunConfig, config: TuneConfig, parent_run_id: str
+) -> TuneOutcome:
+    """Best value and params on the parent; the best model evaluated, logged, registered."""
     mlflow.log_params({f"best.{k}": v for k, v in best.params.items()})
     mlflow.set_tags(
         {
@@ -357,18 +364,65 @@ def _finish_best(best, data: DataByImageSize, parent_run_id: str, config: TuneCo
             best.user_attrs.get("data_digest"),
             prepared.digest,
         )
-    labels, scores = score_split(net, prepared, "test")
-    test_metrics = {f"test/{k}": v for k, v in binary_metrics(labels, scores).items()}
-    log_metrics(test_metrics, parent_run_id)
+    settings = base.evaluation
+    evaluation = evaluate(net, prepared, settings.target_recall)
+    log_evaluation(
+        evaluation, parent_run_id, title=f"Study {config.study_name}: best trial {best.number}"
+    )
+    spec = replace(spec, threshold=evaluation.threshold)
     info = log_inspection_model(net, spec, example_image=prepared.images[0])
+    outcome = TuneOutcome(parent_run_id, None, best, evaluation, info.model_uri)
+    if settings.register:
+        version = register(
+            info.model_uri,
+            config.model_name,
+            description=model_description(evaluation, config, best),
+            tags={
+                "qi.study_name": config.study_name,
+                "qi.parent_run_id": parent_run_id,
+                "qi.best_trial": str(best.number),
+                "qi.data_digest": prepared.digest,
+                "qi.data_root": str(prepared.root),
+                "qi.threshold": f"{evaluation.threshold:.6f}",
+            },
+        )
+        decision = promote(
+            config.model_name,
+            version.version,
+            prepared.split_frame("test"),
+            settings.promotion_metric,
+            settings.force_promote,
+        )
+        mlflow.set_tags(
+            {
+                "qi.registered_model": config.model_name,
+                "qi.registered_version": str(version.version),
+                "qi.promotion": decision.alias,
+                "qi.promotion_reason": decision.reason,
+            }
+        )
+        outcome.registered_version, outcome.decision = str(version.version), decision
     log.info(
-        "best trial %d: %s=%.4f, test accuracy %.4f",
+        "best trial %d: %s=%.4f, test accuracy %.4f at threshold %.3f",
         best.number,
         config.metric,
         best.value,
-        test_metrics["test/acc"],
+        evaluation.metrics["acc"],
+        evaluation.threshold,
     )
-    return test_metrics, info.model_uri
+    return outcome
+
+
+def model_description(evaluation: Evaluation, config: TuneConfig, best) -> str:
+    m = evaluation.metrics
+    return (
+        f"Best trial {best.number} of Optuna study '{config.study_name}' ({config.metric} "
+        f"{best.value:.4f}). Test: accuracy {m['acc']:.4f}, F1 {m['f1']:.4f}, defect recall "
+        f"{m['defect_recall']:.4f}, ROC AUC {m['auroc']:.4f} at threshold "
+        f"{evaluation.threshold:.4f} (chosen on validation for defect recall >= "
+        f"{evaluation.target_recall}). Input: DataFrame column 'image' of encoded image bytes; "
+        "output: label, defect_probability, threshold."
+    )
 
 
 __all__ = ["TuneOutcome", "tune"]

@@ -73,6 +73,6 @@ def test_mlproject_style_values_are_accepted(tiny_casting):
         "--no-progress",
     )
     assert result.exit_code == 0, result.output
-    assert "test accuracy" in result.output
+    assert "test at threshold" in result.output
     runs = mlflow.search_runs(experiment_names=["cli"], output_format="list")
     assert len(runs) == 1 and runs[0].info.status == "FINISHED"

@@ -146,6 +146,20 @@ def test_trials_are_nested_runs_with_pruned_and_failed_states(tiny_config, monke
     assert {"study/trials.csv", "study/optimization_history.png"} <= artifacts
     assert outcome.model_uri and mlflow.pyfunc.load_model(outcome.model_uri)
 
+    # the best model is evaluated, registered and, with no champion yet, promoted
+    evaluation_files = {a.path for a in client.list_artifacts(outcome.parent_run_id, "evaluation")}
+    assert {"evaluation/confusion_matrix.png", "evaluation/classification_report.json",
+            "evaluation/roc_pr_curves.png", "evaluation/summary.md"} <= evaluation_files
+    assert outcome.registered_version == "1" and outcome.decision.alias == "champion"
+    version = client.get_model_version_by_alias("quality-inspector", "champion")
+    assert version.run_id == outcome.parent_run_id  # the registry page links to the report
+    assert version.tags["qi.study_name"] == "tiny" and version.tags["qi.data_digest"]
+    assert "Best trial" in version.description
+    threshold = float(version.tags["qi.threshold"])
+    assert parent.data.metrics["threshold"] == pytest.approx(threshold)
+    served = mlflow.pyfunc.load_model("models:/quality-inspector@champion")
+    assert served.metadata.get_params_schema().params[0].default == pytest.approx(threshold)
+
 
 @pytest.mark.slow
 def test_a_second_tune_resumes_the_study(tiny_config):

@@ -1,0 +1,261 @@
+"""Pictures and words for an :class:`~qi.evaluation.Evaluation`, logged on a run.
+
+Artifacts under ``evaluation/``: confusion matrices (counts and normalised), the
+classification report (text and JSON), ROC and precision-recall curves, a grid of
+misclassified images, recall per defect type (CSV and bar chart) and ``summary.md`` that puts
+them together.
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import mlflow  # noqa: E402
+import numpy as np  # noqa: E402
+import seaborn as sns  # noqa: E402
+from sklearn.metrics import PrecisionRecallDisplay, RocCurveDisplay  # noqa: E402
+
+from qi.data.preprocessing import PreprocessConfig, load_and_preprocess  # noqa: E402
+from qi.evaluation import Evaluation  # noqa: E402
+from qi.serving import LABELS  # noqa: E402
+
+ARTIFACT_DIR = "evaluation"
+MAX_MISCLASSIFIED = 24
+
+
+def plot_confusion(evaluation: Evaluation, path: Path) -> Path:
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.6))
+    for ax, normalize, title, fmt in (
+        (axes[0], None, "counts", "d"),
+        (axes[1], "true", "share of each true class", ".1%"),
+    ):
+        matrix = evaluation.confusion(normalize=normalize)
+        sns.heatmap(
+            matrix,
+            annot=True,
+            fmt=fmt,
+            cmap="Blues",
+            cbar=False,
+            square=True,
+            ax=ax,
+            xticklabels=LABELS,
+            yticklabels=LABELS,
+            annot_kws={"size": 13},
+        )
+        ax.set_xlabel("predicted")
+        ax.set_ylabel("true")
+        ax.set_title(title)
+    fig.suptitle(f"Test confusion matrix at threshold {evaluation.threshold:.3f}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def plot_curves(evaluation: Evaluation, path: Path) -> Path:
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.6))
+    RocCurveDisplay.from_predictions(
+        evaluation.labels, evaluation.scores, ax=axes[0], name="model", pos_label=1
+    )
+    axes[0].plot([0, 1], [0, 1], linestyle=":", color="grey")
+    axes[0].set_title("ROC (defective = positive)")
+    PrecisionRecallDisplay.from_predictions(
+        evaluation.labels, evaluation.scores, ax=axes[1], name="model", pos_label=1
+    )
+    recall = evaluation.metrics["defect_recall"]
+    precision = evaluation.metrics["precision"]
+    axes[1].scatter(
+        [recall],
+        [precision],
+        color="crimson",
+        zorder=3,
+        label=f"threshold {evaluation.threshold:.3f}",
+    )
+    axes[1].legend(loc="lower left")
+    axes[1].set_title("Precision-recall")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def plot_misclassified(evaluation: Evaluation, path: Path) -> Path | None:
+    wrong = np.flatnonzero(evaluation.predicted != evaluation.labels)
+    if wrong.size == 0:
+        return None
+    # the most confident mistakes first: those say most about the model
+    wrong = wrong[np.argsort(-np.abs(evaluation.scores[wrong] - evaluation.threshold))]
+    wrong = wrong[:MAX_MISCLASSIFIED]
+    columns = min(6, wrong.size)
+    rows = int(np.ceil(wrong.size / columns))
+    fig, axes = plt.subplots(rows, columns, figsize=(2.3 * columns, 2.6 * rows), squeeze=False)
+    show = PreprocessConfig(image_size=160, color_mode="rgb")
+    for ax in axes.flat:
+        ax.axis("off")
+    for ax, index in zip(axes.flat, wrong, strict=False):
+        row = evaluation.frame.iloc[index]
+        ax.imshow(load_and_preprocess(row["image_path"], show))
+        truth = LABELS[int(row["label"])]
+        if row["defect_type"] not in ("none", "defect"):
+            truth = f"{truth} ({row['defect_type']})"
+        ax.set_title(
+            f"true: {truth}\npred: {LABELS[evaluation.predicted[index]]} "
+            f"p={evaluation.scores[index]:.2f}",
+            fontsize=8,
+        )
+    fig.suptitle(
+        f"Misclassified test images ({int((evaluation.predicted != evaluation.labels).sum())}"
+        f" in all, most confident first)",
+        fontsize=10,
+    )
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def plot_defect_recall(evaluation: Evaluation, path: Path) -> Path | None:
+    table = evaluation.by_defect_type
+    if table is None or table.empty:
+        return None
+    fig, ax = plt.subplots(figsize=(7, 0.5 * len(table) + 1.6))
+    sns.barplot(data=table, x="recall", y="defect_type", color="steelblue", ax=ax)
+    for i, row in table.iterrows():
+        ax.text(
+            min(row["recall"] + 0.01, 0.9),
+            i,
+            f"{int(row['caught'])}/{int(row['images'])}",
+            va="center",
+            fontsize=9,
+            color="black",
+        )
+    ax.set_xlim(0, 1.05)
+    ax.set_xlabel("recall (share of defects caught)")
+    ax.set_ylabel("")
+    ax.set_title(f"Recall per defect type at threshold {evaluation.threshold:.3f}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def summary_markdown(evaluation: Evaluation, pictures: list[str], title: str) -> str:
+    m, h = evaluation.metrics, evaluation.metrics_at_half
+    rows = [
+        f"| metric | at threshold {evaluation.threshold:.3f} | at 0.5 |",
+        "| --- | --- | --- |",
+    ]
+    for key in (
+        "acc",
+        "precision",
+        "defect_recall",
+        "ok_recall",
+        "f1",
+        "macro_f1",
+        "auroc",
+        "average_precision",
+    ):
+        rows.append(f"| {key} | {m[key]:.4f} | {h[key]:.4f} |")
+    matrix = evaluation.confusion()
+    lines = [
+        f"# {title}",
+        "",
+        f"Test split: {len(evaluation.labels)} images "
+        f"({int(evaluation.labels.sum())} defective). "
+        + (
+            f"The threshold {evaluation.threshold:.4f} was chosen on the validation split for a "
+            f"defect recall of at least {evaluation.target_recall:.2f}."
+            if evaluation.target_recall == evaluation.target_recall
+            else f"The model's own threshold {evaluation.threshold:.4f} was used."
+        ),
+        "",
+        *rows,
+        "",
+        f"Missed defects: {int(matrix[1, 0])}; false alarms: {int(matrix[0, 1])}.",
+        "",
+    ]
+    if evaluation.by_defect_type is not None:
+        lines += [
+            "## Recall per defect type",
+            "",
+            "| defect type | images | caught | recall |",
+            "| --- | --- | --- | --- |",
+        ]
+        for _, row in evaluation.by_defect_type.iterrows():
+            lines.append(
+                f"| {row['defect_type']} | {int(row['images'])} | {int(row['caught'])} "
+                f"| {row['recall']:.3f} |"
+            )
+        lines.append("")
+    lines += [f"![{Path(p).stem}]({Path(p).name})" for p in pictures]
+    return "\n".join(lines) + "\n"
+
+
+def log_evaluation(evaluation: Evaluation, run_id: str, title: str = "Evaluation") -> list[str]:
+    """Metrics and every artifact on ``run_id``; returns the artifact paths."""
+    from qi.tracking import log_metrics
+
+    log_metrics(evaluation.flat_metrics(), run_id)
+    client = mlflow.MlflowClient()
+    with tempfile.TemporaryDirectory(prefix="qi-eval-") as tmp:
+        folder = Path(tmp)
+        pictures = [
+            p
+            for p in (
+                plot_confusion(evaluation, folder / "confusion_matrix.png"),
+                plot_curves(evaluation, folder / "roc_pr_curves.png"),
+                plot_defect_recall(evaluation, folder / "recall_by_defect_type.png"),
+                plot_misclassified(evaluation, folder / "misclassified.png"),
+            )
+            if p is not None
+        ]
+        (folder / "classification_report.txt").write_text(evaluation.report_text)
+        (folder / "classification_report.json").write_text(json.dumps(evaluation.report, indent=2))
+        if evaluation.by_defect_type is not None:
+            evaluation.by_defect_type.to_csv(folder / "recall_by_defect_type.csv", index=False)
+        (folder / "summary.md").write_text(
+            summary_markdown(evaluation, [str(p) for p in pictures], title)
+        )
+        client.log_artifacts(run_id, str(folder), ARTIFACT_DIR)
+        return [f"{ARTIFACT_DIR}/{p.name}" for p in sorted(folder.iterdir())]
+
+
+def evaluate_logged_model(model_uri: str, data_config, tracking, progress: bool = True):
+    """``qi evaluate``: a logged or registered model on a data set's test split, as a new run.
+
+    The model keeps its own threshold; the figures at 0.5 are reported beside them.
+    """
+    from dataclasses import replace
+
+    from qi.data.datamodule import prepare_data
+    from qi.evaluation import evaluation_from_scores
+    from qi.serving import defect_probabilities
+    from qi.tracking import configure_tracking, log_dataset, standard_tags, training_run
+
+    configure_tracking(tracking)
+    model = mlflow.pyfunc.load_model(model_uri).unwrap_python_model()
+    preprocess = model.spec.preprocess
+    data_config = replace(
+        data_config,
+        image_size=preprocess.image_size,
+        color_mode=preprocess.color_mode,
+        clahe=preprocess.clahe,
+    )
+    data = prepare_data(data_config, progress=progress)
+    images, labels = data.split("test")
+    scores = defect_probabilities(model.net, images)
+    evaluation = evaluation_from_scores(
+        labels, scores, data.split_frame("test"), model.spec.threshold, target_recall=float("nan")
+    )
+    tags = standard_tags(data.digest, {"qi.kind": "evaluate", "qi.model_uri": model_uri})
+    with training_run(tracking, tags=tags) as run_id:
+        mlflow.set_tags(tags)
+        log_dataset(data.frame, data.root, data.digest, name=data.root.name, run_id=run_id)
+        log_evaluation(evaluation, run_id, title=f"Evaluation of {model_uri}")
+    return run_id, evaluation

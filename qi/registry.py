@@ -1,0 +1,196 @@
+"""Registering models and moving the ``champion`` / ``challenger`` aliases (never stages).
+
+A new version becomes ``champion`` only when it beats the current champion on the same test
+images by the chosen metric, when there is no champion yet, or when forced; otherwise it
+becomes ``challenger``. Both models are scored the same way - their pyfunc, fed the raw test
+files, each at its own threshold - so the comparison is what the production line would see.
+The decision, the reason and both figures are tags on the version.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import pandas as pd
+from mlflow.entities.model_registry import ModelVersion
+from mlflow.exceptions import MlflowException
+
+from qi.evaluation import PROMOTION_METRICS, binary_metrics
+from qi.serving import IMAGE_COLUMN
+
+log = logging.getLogger(__name__)
+
+CHAMPION = "champion"
+CHALLENGER = "challenger"
+
+
+@dataclass(frozen=True)
+class PromotionDecision:
+    version: str
+    alias: str  # champion or challenger
+    reason: str
+    metric: str
+    candidate_score: float
+    champion_score: float | None
+    previous_champion: str | None
+
+
+def register(model_uri: str, name: str, tags: dict[str, str], description: str) -> ModelVersion:
+    """A new version of ``name`` from a logged model, with links and a description."""
+    version = mlflow.register_model(model_uri, name, tags=tags)
+    client = mlflow.MlflowClient()
+    client.update_model_version(name, version.version, description=description)
+    try:
+        client.get_registered_model(name)
+        if not client.get_registered_model(name).description:
+            client.update_registered_model(
+                name,
+                description="Visual quality inspection classifier trained by qi: "
+                "input images, output ok/defective with a defect probability.",
+            )
+    except MlflowException:
+        pass
+    return client.get_model_version(name, version.version)
+
+
+def champion(name: str) -> ModelVersion | None:
+    try:
+        return mlflow.MlflowClient().get_model_version_by_alias(name, CHAMPION)
+    except MlflowException:
+        return None
+
+
+def score_model(model_uri: str, frame: pd.DataFrame, metric: str) -> float:
+    """``metric`` of a registered pyfunc on raw image files, at the model's own threshold."""
+    if metric not in PROMOTION_METRICS:
+        raise ValueError(f"unknown promotion metric '{metric}': choose one of {PROMOTION_METRICS}")
+    model = mlflow.pyfunc.load_model(model_uri)
+    payload = pd.DataFrame({IMAGE_COLUMN: [Path(p).read_bytes() for p in frame["image_path"]]})
+    predictions = model.predict(payload)
+    threshold = float(predictions["threshold"].iloc[0])
+    scores = predictions["defect_probability"].to_numpy()
+    labels = frame["label"].to_numpy().astype(int)
+    return float(binary_metrics(labels, np.asarray(scores), threshold)[metric])
+
+
+def decide(candidate: float, incumbent: float | None, force: bool) -> tuple[str, str]:
+    """(alias, reason) for a candidate score against the champion's. Pure, for tests."""
+    if force:
+        return CHAMPION, "promotion forced by the user"
+    if incumbent is None:
+        return CHAMPION, "no champion yet"
+    if candidate > incumbent:
+        return CHAMPION, f"beats the champion ({candidate:.4f} > {incumbent:.4f})"
+    return CHALLENGER, f"does not beat the champion ({candidate:.4f} <= {incumbent:.4f})"
+
+
+def promote(
+    name: str, version: str, test_frame: pd.DataFrame, metric: str = "f1", force: bool = False
+) -> PromotionDecision:
+    """Score candidate and champion on ``test_frame`` and move the aliases accordingly."""
+    client = mlflow.MlflowClient()
+    candidate_score = score_model(f"models:/{name}/{version}", test_frame, metric)
+    current = champion(name)
+    incumbent_score = None
+    if current is not None and str(current.version) == str(version):
+        alias, reason = CHAMPION, "already the champion"
+    else:
+        if current is not None:
+            incumbent_score = score_model(f"models:/{name}/{current.version}", test_frame, metric)
+        alias, reason = decide(candidate_score, incumbent_score, force)
+    client.set_registered_model_alias(name, alias, str(version))
+    decision = PromotionDecision(
+        version=str(version),
+        alias=alias,
+        reason=reason,
+        metric=metric,
+        candidate_score=candidate_score,
+        champion_score=incumbent_score,
+        previous_champion=None if current is None else str(current.version),
+    )
+    tags = {
+        "qi.promotion": alias,
+        "qi.promotion_reason": reason,
+        "qi.promotion_metric": f"test/{metric}",
+        "qi.candidate_score": f"{candidate_score:.6f}",
+        "qi.champion_score": "" if incumbent_score is None else f"{incumbent_score:.6f}",
+        "qi.previous_champion_version": decision.previous_champion or "",
+        "qi.test_images": str(len(test_frame)),
+    }
+    for key, value in tags.items():
+        client.set_model_version_tag(name, str(version), key, value)
+    log.info("%s version %s -> %s: %s", name, version, alias, reason)
+    return decision
+
+
+def model_uri_of_run(run_id: str) -> str:
+    """The model a run logged (the last one, if several)."""
+    models = mlflow.search_logged_models(
+        filter_string=f"source_run_id = '{run_id}'",
+        output_format="list",
+        experiment_ids=[mlflow.MlflowClient().get_run(run_id).info.experiment_id],
+    )
+    if not models:
+        raise ValueError(f"run {run_id} logged no model: pass a run of `qi tune` or `qi train`")
+    return max(models, key=lambda m: m.creation_timestamp).model_uri
+
+
+def data_config_of_run(run_id: str, data_dir: Path | None = None):
+    """The data settings a run was evaluated with, to compare on the same test images."""
+    from qi.config import DataConfig
+
+    run = mlflow.MlflowClient().get_run(run_id)
+    params, tags = run.data.params, run.data.tags
+    root = data_dir or (Path(tags["qi.data_root"]) if tags.get("qi.data_root") else None)
+    if root is None:
+        raise ValueError(f"run {run_id} records no data folder: pass --data-dir")
+    defaults = DataConfig()
+
+    def number(key: str, cast, default):
+        value = params.get(f"data.{key}", "")
+        return cast(value) if value not in ("", "None") else default
+
+    return DataConfig(
+        data_dir=root,
+        ok_class=params.get("data.ok_class") or None,
+        image_size=number("image_size", int, defaults.image_size),
+        color_mode=params.get("data.color_mode", defaults.color_mode),
+        val_fraction=number("val_fraction", float, defaults.val_fraction),
+        test_fraction=number("test_fraction", float, defaults.test_fraction),
+        max_images=number("max_images", int, None),
+        seed=number("seed", int, defaults.seed),
+    )
+
+
+def promote_by_hand(
+    name: str,
+    version: str | None = None,
+    run_id: str | None = None,
+    data_dir: Path | None = None,
+    metric: str = "f1",
+    force: bool = False,
+) -> PromotionDecision:
+    """``qi promote``: an existing version, or the model of a run (registered first)."""
+    from qi.data.datamodule import prepare_data
+
+    client = mlflow.MlflowClient()
+    if (version is None) == (run_id is None):
+        raise ValueError("give exactly one of --version or --run-id")
+    if run_id is not None:
+        registered = register(
+            model_uri_of_run(run_id),
+            name,
+            tags={"qi.source_run_id": run_id},
+            description=f"Registered by hand from run {run_id}.",
+        )
+        version = str(registered.version)
+    try:
+        model_version = client.get_model_version(name, str(version))
+    except MlflowException as exc:
+        raise ValueError(f"{name} has no version {version}") from exc
+    data = prepare_data(data_config_of_run(model_version.run_id, data_dir), progress=False)
+    return promote(name, str(version), data.split_frame("test"), metric, force)
