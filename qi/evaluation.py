@@ -29,8 +29,6 @@ from qi.data.datamodule import PreparedData
 from qi.models import InspectionNet
 from qi.serving import LABELS, defect_probabilities
 
-PROMOTION_METRICS = ("f1", "acc", "auroc", "average_precision", "defect_recall", "macro_f1")
-
 
 def score_split(
     net: InspectionNet, data: PreparedData, split: str

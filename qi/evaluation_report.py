@@ -128,14 +128,14 @@ def plot_defect_recall(evaluation: Evaluation, path: Path) -> Path | None:
     sns.barplot(data=table, x="recall", y="defect_type", color="steelblue", ax=ax)
     for i, row in table.iterrows():
         ax.text(
-            min(row["recall"] + 0.01, 0.9),
+            row["recall"] + 0.01,
             i,
             f"{int(row['caught'])}/{int(row['images'])}",
             va="center",
             fontsize=9,
             color="black",
         )
-    ax.set_xlim(0, 1.05)
+    ax.set_xlim(0, 1.15)
     ax.set_xlabel("recall (share of defects caught)")
     ax.set_ylabel("")
     ax.set_title(f"Recall per defect type at threshold {evaluation.threshold:.3f}")

@@ -19,7 +19,8 @@ import pandas as pd
 from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
 
-from qi.evaluation import PROMOTION_METRICS, binary_metrics
+from qi.config import PROMOTION_METRICS
+from qi.evaluation import binary_metrics
 from qi.serving import IMAGE_COLUMN
 
 log = logging.getLogger(__name__)

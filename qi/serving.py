@@ -3,18 +3,22 @@
 The model carries its preprocessing (the same :func:`qi.data.preprocessing.preprocess` that
 training used, shipped as code with the model), its architecture as JSON, its weights as a
 plain state dict (loaded with ``weights_only=True``: nothing is unpickled) and its decision
-threshold. Callers send images, never tensors:
+threshold. Callers send images, never tensors: a DataFrame with one column ``image`` whose
+cells are either
 
-* a DataFrame with a column ``image`` of encoded PNG/JPEG/BMP/TIFF bytes (over REST: base64);
-* or, from Python, a uint8 array ``(N, H, W)`` / ``(N, H, W, C)`` (colour arrays in RGB order).
+* encoded PNG/JPEG/BMP/TIFF bytes (over REST: base64 strings, which MLflow decodes), or
+* uint8/uint16 arrays ``(H, W)`` or ``(H, W, C)`` of any size (colour in RGB order).
+
+MLflow enforces the signature before the model sees its input, and one signature cannot be both
+a DataFrame and a tensor, so a batch array or a list goes through :func:`as_model_input` first.
 """
 
 from __future__ import annotations
 
+import base64
 import io
 import json
 import tempfile
-import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -59,6 +63,20 @@ class ModelSpec:
         )
 
 
+def as_model_input(images: Any) -> pd.DataFrame:
+    """A batch array ``(N, H, W[, C])``, a list of arrays or bytes, or one image -> the
+    DataFrame the served model takes (``model.predict(as_model_input(batch))``)."""
+    if isinstance(images, pd.DataFrame):
+        return images
+    if isinstance(images, (bytes, bytearray)):
+        images = [images]
+    elif isinstance(images, np.ndarray):
+        if images.ndim not in (3, 4):
+            raise ValueError(f"image batch must be (N, H, W) or (N, H, W, C), got {images.shape}")
+        images = list(images)
+    return pd.DataFrame({IMAGE_COLUMN: list(images)})
+
+
 def _images_from_input(model_input: Any) -> list[np.ndarray | bytes]:
     """Split a pyfunc input into per-image items; raw bytes are decoded later, per row."""
     if isinstance(model_input, pd.DataFrame):
@@ -84,20 +102,33 @@ def prepare_batch(items: list, config: PreprocessConfig) -> np.ndarray:
         try:
             if isinstance(item, (bytes, bytearray, memoryview)):
                 image, bgr = decode_image(item), True
-            elif isinstance(item, str):
-                import base64
-
+            elif isinstance(item, str):  # base64 that MLflow did not decode (AnyType clients)
                 image, bgr = decode_image(base64.b64decode(item, validate=True)), True
+            elif isinstance(item, np.ndarray):
+                image, bgr = _checked_array(item), False
             else:
-                image, bgr = np.asarray(item), False
+                raise ValueError(
+                    f"expected encoded image bytes or a uint8 array, got {type(item).__name__}"
+                )
             out[row] = preprocess(image, config, bgr=bgr)
-        except (ImageDecodeError, ValueError, cv2.error) as exc:
+        except (ImageDecodeError, ValueError, cv2.error) as exc:  # binascii.Error is one too
             raise ValueError(f"row {row}: {exc}") from exc
     return out
 
 
-# qi validates its own inputs; MLflow's nudge to add predict type hints does not apply
-warnings.filterwarnings("ignore", message=".*Add type hints to the `predict` method.*")
+def _checked_array(image: np.ndarray) -> np.ndarray:
+    """Arrays must say unambiguously what their pixels are: 8 or 16 bit integers."""
+    if image.dtype not in (np.uint8, np.uint16):
+        raise ValueError(
+            f"{image.dtype} array: send uint8 (or uint16) pixels; scale floats "
+            "to 0..255 and convert with .astype(np.uint8)"
+        )
+    if image.ndim not in (2, 3) or (image.ndim == 3 and image.shape[2] not in (1, 3, 4)):
+        raise ValueError(
+            f"image array of shape {image.shape}: expected (H, W) or (H, W, C) "
+            "with 1, 3 or 4 channels"
+        )
+    return image
 
 
 class InspectionModel(mlflow.pyfunc.PythonModel):
@@ -185,10 +216,7 @@ def log_inspection_model(
         weights.write_bytes(buffer.getvalue())
         spec_file = Path(tmp) / "spec.json"
         spec_file.write_text(spec.to_json())
-        with warnings.catch_warnings():
-            # qi validates inputs itself; MLflow's type-hint validation does not fit images
-            warnings.filterwarnings("ignore", ".*type hints to the `predict` method.*")
-            return _log_pyfunc(weights, spec_file, spec, example, name)
+        return _log_pyfunc(weights, spec_file, spec, example, name)
 
 
 def _log_pyfunc(

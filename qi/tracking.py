@@ -13,6 +13,7 @@ import logging
 import os
 import subprocess
 import tempfile
+import time
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -21,6 +22,7 @@ from typing import Any
 
 import mlflow
 import pandas as pd
+from mlflow.entities import DatasetInput, InputTag, Metric, Param
 from mlflow.exceptions import MlflowException
 
 import qi
@@ -123,8 +125,6 @@ def log_config(config: Any, run_id: str, prefix: str = "") -> None:
     """Every setting of a (nested) config dataclass as a run param."""
     params = {k: "" if v is None else v for k, v in flatten(config, prefix).items()}
     client = mlflow.MlflowClient()
-    from mlflow.entities import Param
-
     items = [Param(k, str(v)[:6000]) for k, v in params.items()]
     for start in range(0, len(items), 100):
         client.log_batch(run_id, params=items[start : start + 100])
@@ -134,8 +134,6 @@ def log_dataset(frame: pd.DataFrame, root: Path, digest: str, name: str, run_id:
     """The file list with labels and split as an MLflow dataset input of the run."""
     table = frame[["image_path", "label", "defect_type", "split"]].copy()
     table["image_path"] = [str(Path(p).relative_to(root)) for p in table["image_path"]]
-    from mlflow.entities import DatasetInput, InputTag
-
     with warnings.catch_warnings():
         # MLflow's hints about integer columns and ambiguous local sources do not apply here
         warnings.simplefilter("ignore", UserWarning)
@@ -163,10 +161,6 @@ def log_json_artifact(payload: Any, artifact_file: str, run_id: str) -> None:
 
 def log_metrics(metrics: dict[str, float], run_id: str, step: int | None = None) -> None:
     client = mlflow.MlflowClient()
-    import time
-
-    from mlflow.entities import Metric
-
     now = int(time.time() * 1000)
     clean = [Metric(k, float(v), now, step or 0) for k, v in metrics.items() if v == v]
     client.log_batch(run_id, metrics=clean)

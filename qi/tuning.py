@@ -169,9 +169,9 @@ class TrialRunner:
     def _configure(self, trial: optuna.Trial, run_id: str) -> tuple[RunConfig, PreparedData]:
         config = apply_params(self.base, suggest_params(trial, self.tune.space))
         remaining = None if self.deadline is None else max(self.deadline - time.monotonic(), 1)
-        train = replace(
-            config.train, epochs=self.tune.epochs, monitor=self.tune.metric, max_seconds=remaining
-        )
+        # the epoch kept is chosen on the smooth val/loss, as `qi train` does; the objective
+        # is then read at that epoch, so it describes the weights the trial keeps
+        train = replace(config.train, epochs=self.tune.epochs, max_seconds=remaining)
         config = replace(config, train=train)
         data = self.data.get(config.data.image_size)
         trial.set_user_attr("data_digest", data.digest)
@@ -190,8 +190,8 @@ class TrialRunner:
 class FailureBudget:
     """Stop this worker after ``limit`` failed trials: a broken setup must not loop forever."""
 
-    def __init__(self, limit: int, parent_run_id: str) -> None:
-        self.limit, self.parent_run_id, self.failed = limit, parent_run_id, 0
+    def __init__(self, limit: int) -> None:
+        self.limit, self.failed = limit, 0
 
     def __call__(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
         if trial.state == TrialState.FAIL:
@@ -315,7 +315,7 @@ def tune(
                 catch=(Exception,),
                 callbacks=[
                     optuna.study.MaxTrialsCallback(config.n_trials, states=FINISHED_STATES),
-                    FailureBudget(max(3, config.n_trials), parent_run_id),
+                    FailureBudget(max(3, config.n_trials)),
                 ],
             )
         mine = [

@@ -148,8 +148,12 @@ def test_trials_are_nested_runs_with_pruned_and_failed_states(tiny_config, monke
 
     # the best model is evaluated, registered and, with no champion yet, promoted
     evaluation_files = {a.path for a in client.list_artifacts(outcome.parent_run_id, "evaluation")}
-    assert {"evaluation/confusion_matrix.png", "evaluation/classification_report.json",
-            "evaluation/roc_pr_curves.png", "evaluation/summary.md"} <= evaluation_files
+    assert {
+        "evaluation/confusion_matrix.png",
+        "evaluation/classification_report.json",
+        "evaluation/roc_pr_curves.png",
+        "evaluation/summary.md",
+    } <= evaluation_files
     assert outcome.registered_version == "1" and outcome.decision.alias == "champion"
     version = client.get_model_version_by_alias("quality-inspector", "champion")
     assert version.run_id == outcome.parent_run_id  # the registry page links to the report

@@ -1,0 +1,2 @@
+-- a second database in the same server for shared Optuna studies
+CREATE DATABASE optuna OWNER qi;
