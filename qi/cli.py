@@ -23,6 +23,7 @@ from qi.cli_options import (
     data_options,
     empty_as_none,
     evaluation_options,
+    existing_dir,
     fraction,
     model_options,
     positive,
@@ -314,7 +315,7 @@ def describe_evaluation(evaluation) -> str:
 @click.option(
     "--data-dir",
     default=None,
-    callback=empty_as_none,
+    callback=existing_dir,
     help="Images to evaluate on (their test split). Default: the embedded set.",
 )
 @click.option("--ok-class", default=None, callback=empty_as_none)
@@ -356,7 +357,7 @@ def evaluate(model_uri, data_dir, ok_class, seed, experiment, tracking_uri, prog
 @click.option(
     "--data-dir",
     default=None,
-    callback=empty_as_none,
+    callback=existing_dir,
     help="Test images for the comparison (default: the version's own data).",
 )
 @click.option("--tracking-uri", default=None, callback=empty_as_none)

@@ -3,6 +3,7 @@ from parsed options to the typed config dataclasses."""
 
 from __future__ import annotations
 
+import signal
 import sys
 from dataclasses import replace
 from functools import wraps
@@ -23,7 +24,8 @@ from qi.config import (
 
 
 def user_errors(func):
-    """Turn the library's user-fixable errors into one-line click errors."""
+    """Turn the library's user-fixable errors into one-line click errors; make SIGTERM
+    (``docker stop``, a scheduler) stop a command the way Ctrl-C does."""
 
     @wraps(func)
     def wrapper(*args, **kwargs):
@@ -32,15 +34,26 @@ def user_errors(func):
         from qi.models.backbones import WeightsNotFoundError
         from qi.tracking import TrackingError
 
+        previous = signal.signal(signal.SIGTERM, _interrupt)
         try:
             return func(*args, **kwargs)
         except (DataLayoutError, ImageDecodeError, WeightsNotFoundError, TrackingError) as exc:
             raise click.ClickException(str(exc)) from exc
         except KeyboardInterrupt:
-            click.echo("interrupted: finished runs are kept in MLflow", err=True)
+            click.echo(
+                "interrupted: finished trials and runs are kept; run the same command "
+                "again to resume",
+                err=True,
+            )
             sys.exit(130)
+        finally:
+            signal.signal(signal.SIGTERM, previous)
 
     return wrapper
+
+
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt
 
 
 class WholeNumber(click.ParamType):
@@ -83,6 +96,18 @@ def empty_as_none(ctx, param, value):
     return None if value in ("", None) else value
 
 
+def existing_dir(ctx, param, value):
+    """An optional folder that must exist: a typo fails before anything starts (exit 2)."""
+    value = empty_as_none(ctx, param, value)
+    if value is not None:
+        path = Path(value).expanduser()
+        if not path.exists():
+            raise click.BadParameter(f"{path} does not exist: check the path")
+        if not path.is_dir():
+            raise click.BadParameter(f"{path} is a file: give the folder holding the images")
+    return value
+
+
 def data_options(func=None, *, search_image_size: bool = False):
     """Options that say which images and how to read them (shared by train and tune)."""
     if func is None:
@@ -92,7 +117,7 @@ def data_options(func=None, *, search_image_size: bool = False):
         click.option(
             "--data-dir",
             default=None,
-            callback=empty_as_none,
+            callback=existing_dir,
             help="Folder of labelled images (class folders, Kaggle train/test, or an "
             "MVTec AD category). Default: the embedded synthetic casting set.",
         ),

@@ -7,7 +7,7 @@ takes them as arguments instead of reading options or environment variables itse
 from __future__ import annotations
 
 import os
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import asdict, dataclass, field, fields, is_dataclass, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -191,7 +191,7 @@ def to_dict(config: Any) -> dict[str, Any]:
             return str(value)
         return value
 
-    return convert(asdict(config))
+    return convert(asdict(config) if is_dataclass(config) else config)
 
 
 __all__ = [

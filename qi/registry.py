@@ -16,10 +16,11 @@ from pathlib import Path
 import mlflow
 import numpy as np
 import pandas as pd
+from filelock import FileLock
 from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
 
-from qi.config import PROMOTION_METRICS
+from qi.config import PROMOTION_METRICS, cache_dir
 from qi.evaluation import binary_metrics
 from qi.serving import IMAGE_COLUMN
 
@@ -56,6 +57,32 @@ def register(model_uri: str, name: str, tags: dict[str, str], description: str) 
     except MlflowException:
         pass
     return client.get_model_version(name, version.version)
+
+
+def registry_lock(name: str) -> FileLock:
+    """Serialises check-register-promote for ``name`` among processes on this machine.
+
+    Workers on several machines share no file: there, two workers finishing in the same
+    second may each register the best trial (the second comparison then makes it challenger).
+    """
+    folder = cache_dir() / "locks"
+    folder.mkdir(parents=True, exist_ok=True)
+    safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in name)
+    return FileLock(str(folder / f"registry-{safe}.lock"), timeout=600)
+
+
+def version_of_trial_run(name: str, trial_run_id: str) -> ModelVersion | None:
+    """The version already registered from this trial's run, if any."""
+    if not trial_run_id:
+        return None
+    try:
+        versions = mlflow.MlflowClient().search_model_versions(f"name = '{name}'")
+    except MlflowException:
+        return None
+    for version in versions:
+        if version.tags.get("qi.best_run_id") == trial_run_id:
+            return version
+    return None
 
 
 def champion(name: str) -> ModelVersion | None:

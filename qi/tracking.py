@@ -26,7 +26,7 @@ from mlflow.entities import DatasetInput, InputTag, Metric, Param
 from mlflow.exceptions import MlflowException
 
 import qi
-from qi.config import TrackingConfig, flatten
+from qi.config import TrackingConfig, flatten, to_dict
 
 log = logging.getLogger(__name__)
 
@@ -90,7 +90,12 @@ def training_run(config: TrackingConfig, tags: dict[str, str] | None = None) -> 
     with mlflow.start_run(**kwargs) as run:
         if inherited and config.run_name:
             mlflow.set_tag("mlflow.runName", config.run_name)
-        yield run.info.run_id
+        try:
+            yield run.info.run_id
+        except KeyboardInterrupt:  # Ctrl-C or SIGTERM: stopped on purpose, not broken
+            mlflow.set_tag("qi.interrupted", "true")
+            mlflow.end_run("KILLED")
+            raise
 
 
 def git_commit() -> str | None:
@@ -143,6 +148,20 @@ def log_dataset(frame: pd.DataFrame, root: Path, digest: str, name: str, run_id:
         context = [InputTag("mlflow.data.context", "training")]
         entity = DatasetInput(dataset._to_mlflow_entity(), context)
     mlflow.MlflowClient().log_inputs(run_id, datasets=[entity])
+
+
+def log_run_config(config: Any, run_id: str) -> None:
+    """The full configuration as ``config.json``, written first: it proves the artifact
+    store is writable before any training time is spent."""
+    try:
+        log_json_artifact(to_dict(config), "config.json", run_id)
+    except Exception as exc:
+        location = mlflow.MlflowClient().get_run(run_id).info.artifact_uri
+        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise TrackingError(
+            f"cannot write artifacts to {location} ({first_line[:200]}): fix its permissions "
+            "or set the experiment's artifact location"
+        ) from exc
 
 
 def log_table_artifact(frame: pd.DataFrame, artifact_file: str, run_id: str) -> None:

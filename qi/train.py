@@ -18,6 +18,7 @@ from qi.tracking import (
     log_dataset,
     log_json_artifact,
     log_metrics,
+    log_run_config,
     log_table_artifact,
     standard_tags,
     training_run,
@@ -69,6 +70,7 @@ def train(config: RunConfig, progress: bool = True) -> TrainOutcome:
     )
     with training_run(config.tracking, tags=tags) as run_id:
         mlflow.set_tags(tags)  # also on a run `mlflow run` opened before qi started
+        log_run_config(config, run_id)
         log_config(config, run_id)
         log_prepared_data(data, run_id)
         result = fit(config, data, run_id=run_id, progress=progress)

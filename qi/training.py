@@ -9,6 +9,7 @@ ends MLflow runs; the caller owns them.
 from __future__ import annotations
 
 import logging
+import signal
 import tempfile
 import time
 import warnings
@@ -235,7 +236,7 @@ def fit(
         with warnings.catch_warnings():
             # on 2 cores with in-memory data, extra loader workers cost more than they give
             warnings.filterwarnings("ignore", ".*does not have many workers.*")
-            trainer.fit(module, datamodule=datamodule)
+            fit_interruptibly(trainer, module, datamodule)
         seconds = time.perf_counter() - started
         if checkpoint.best_model_path:
             state = torch.load(checkpoint.best_model_path, map_location="cpu", weights_only=True)
@@ -268,6 +269,23 @@ def fit(
         seconds=seconds,
         images_per_second=n_train * epochs_run / seconds if seconds > 0 else 0.0,
     )
+
+
+def fit_interruptibly(trainer: pl.Trainer, module, datamodule) -> None:
+    """``trainer.fit`` that lets Ctrl-C through as ``KeyboardInterrupt``.
+
+    Lightning answers Ctrl-C with ``sys.exit(1)`` and ignores SIGINT from then on; a study
+    must instead see the interrupt (to mark the trial and the runs) and stay interruptible.
+    """
+    previous = signal.getsignal(signal.SIGINT)
+    try:
+        trainer.fit(module, datamodule=datamodule)
+    except SystemExit as exc:
+        if isinstance(exc.__context__, KeyboardInterrupt):
+            raise KeyboardInterrupt from exc
+        raise
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def _best_epoch(history: list[dict[str, float]], monitor: str) -> dict[str, float]:

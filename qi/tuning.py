@@ -29,11 +29,17 @@ import torch
 from optuna.trial import TrialState
 from optuna_integration import PyTorchLightningPruningCallback
 
-from qi.config import RunConfig, TuneConfig
+from qi.config import RunConfig, TuneConfig, to_dict
 from qi.data.datamodule import PreparedData, check_data_dir, prepare_data
 from qi.evaluation import Evaluation, evaluate
 from qi.evaluation_report import log_evaluation
-from qi.registry import PromotionDecision, promote, register
+from qi.registry import (
+    PromotionDecision,
+    promote,
+    register,
+    registry_lock,
+    version_of_trial_run,
+)
 from qi.serving import ModelSpec, load_network, log_inspection_model
 from qi.study_report import log_study_report
 from qi.study_setup import (
@@ -50,6 +56,7 @@ from qi.tracking import (
     configure_tracking,
     log_config,
     log_metrics,
+    log_run_config,
     standard_tags,
     training_run,
 )
@@ -226,6 +233,10 @@ def fail_stale_local_trials(study: optuna.Study) -> int:
             client.set_tag(run_id, "qi.trial_state", "failed")
             client.set_tag(run_id, "qi.error", f"worker {worker} died during the trial")
             client.set_terminated(run_id, "FAILED")
+        parent_id = trial.user_attrs.get("mlflow_parent_run_id")
+        if parent_id and client.get_run(parent_id).info.status == "RUNNING":
+            client.set_tag(parent_id, "qi.error", f"worker {worker} died")
+            client.set_terminated(parent_id, "KILLED")
         failed += 1
     return failed
 
@@ -295,6 +306,7 @@ def tune(
         mlflow.set_tags(tags)
         if base.tracking.run_name is None and "MLFLOW_RUN_ID" not in os.environ:
             mlflow.set_tag("mlflow.runName", f"{config.study_name}-study")
+        log_run_config({"base": to_dict(base), "tune": to_dict(config)}, parent_run_id)
         mlflow.log_params({k: str(v)[:6000] for k, v in describe(config).items()})
         log_config(base.data, parent_run_id, prefix="data.")  # trials' own params are on them
         log_metrics({"trials_before": existing, "stale_trials_failed": stale}, parent_run_id)
@@ -373,35 +385,9 @@ def _finish_best(
     info = log_inspection_model(net, spec, example_image=prepared.images[0])
     outcome = TuneOutcome(parent_run_id, None, best, evaluation, info.model_uri)
     if settings.register:
-        version = register(
-            info.model_uri,
-            config.model_name,
-            description=model_description(evaluation, config, best),
-            tags={
-                "qi.study_name": config.study_name,
-                "qi.parent_run_id": parent_run_id,
-                "qi.best_trial": str(best.number),
-                "qi.data_digest": prepared.digest,
-                "qi.data_root": str(prepared.root),
-                "qi.threshold": f"{evaluation.threshold:.6f}",
-            },
-        )
-        decision = promote(
-            config.model_name,
-            version.version,
-            prepared.split_frame("test"),
-            settings.promotion_metric,
-            settings.force_promote,
-        )
-        mlflow.set_tags(
-            {
-                "qi.registered_model": config.model_name,
-                "qi.registered_version": str(version.version),
-                "qi.promotion": decision.alias,
-                "qi.promotion_reason": decision.reason,
-            }
-        )
-        outcome.registered_version, outcome.decision = str(version.version), decision
+        # one lock per model name: workers finishing together register the best trial once
+        with registry_lock(config.model_name):
+            _register_best(outcome, prepared, config, settings)
     log.info(
         "best trial %d: %s=%.4f, test accuracy %.4f at threshold %.3f",
         best.number,
@@ -411,6 +397,55 @@ def _finish_best(
         evaluation.threshold,
     )
     return outcome
+
+
+def _register_best(
+    outcome: TuneOutcome, prepared: PreparedData, config: TuneConfig, settings
+) -> None:
+    best, evaluation = outcome.best_trial, outcome.evaluation
+    best_run_id = best.user_attrs.get("mlflow_run_id", "")
+    existing = version_of_trial_run(config.model_name, best_run_id)
+    if existing is not None:
+        outcome.registered_version = str(existing.version)
+        mlflow.set_tags(
+            {
+                "qi.registered_model": config.model_name,
+                "qi.registered_version": outcome.registered_version,
+                "qi.promotion": "skipped",
+                "qi.promotion_reason": f"trial {best.number} is already version {existing.version}",
+            }
+        )
+        return
+    version = register(
+        outcome.model_uri,
+        config.model_name,
+        description=model_description(evaluation, config, best),
+        tags={
+            "qi.study_name": config.study_name,
+            "qi.parent_run_id": outcome.parent_run_id,
+            "qi.best_trial": str(best.number),
+            "qi.best_run_id": best_run_id,
+            "qi.data_digest": prepared.digest,
+            "qi.data_root": str(prepared.root),
+            "qi.threshold": f"{evaluation.threshold:.6f}",
+        },
+    )
+    decision = promote(
+        config.model_name,
+        str(version.version),
+        prepared.split_frame("test"),
+        settings.promotion_metric,
+        settings.force_promote,
+    )
+    mlflow.set_tags(
+        {
+            "qi.registered_model": config.model_name,
+            "qi.registered_version": str(version.version),
+            "qi.promotion": decision.alias,
+            "qi.promotion_reason": decision.reason,
+        }
+    )
+    outcome.registered_version, outcome.decision = str(version.version), decision
 
 
 def model_description(evaluation: Evaluation, config: TuneConfig, best) -> str:

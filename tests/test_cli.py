@@ -40,11 +40,17 @@ def test_bad_options_are_one_line_errors(tmp_path):
     assert result.exit_code == 2 and "must be positive" in result.output
     result = invoke("train", "--model", "vgg99")
     assert result.exit_code == 2 and "resnet18" in result.output
-    result = invoke("train", "--data-dir", str(tmp_path / "missing"))
-    assert result.exit_code == 1
-    assert result.output.strip().splitlines() == [
-        f"Error: data directory {tmp_path / 'missing'} does not exist: check the path"
-    ]
+    for command in ("train", "tune", "evaluate --model m", "promote --version 1"):
+        result = invoke(*command.split(), "--data-dir", str(tmp_path / "missing"))
+        assert result.exit_code == 2, command
+        assert "does not exist: check the path" in result.output.strip().splitlines()[-1]
+        assert "Traceback" not in result.output
+    result = invoke("tune", "--metric", "val/bogus")
+    assert result.exit_code == 2 and "unknown metric 'val/bogus'" in result.output
+    result = invoke("tune", "--models", "cnn,vgg99")
+    assert result.exit_code == 2 and "vgg99" in result.output
+    result = invoke("tune", "--n-trials", "-3")
+    assert result.exit_code == 2 and "must be positive" in result.output
     result = invoke("train", "--tracking-uri", "http://127.0.0.1:9", "--epochs", "1")
     assert result.exit_code == 1 and "Traceback" not in result.output
     assert "tracking store http://127.0.0.1:9 is not usable" in result.output.splitlines()[-1]

@@ -148,3 +148,10 @@ def test_two_workers_share_one_study(tiny_casting, tmp_path):
         assert child.data.tags["mlflow.parentRunId"] == trial.user_attrs["mlflow_parent_run_id"]
         assert child.data.tags["qi.worker"] == trial.user_attrs["worker"]
     assert len({c.data.tags["qi.worker"] for c in children}) == 2  # both did work
+    # each best trial is registered once, whichever worker finished first
+    client = mlflow.MlflowClient()
+    versions = client.search_model_versions("name = 'quality-inspector'")
+    best_runs = [v.tags["qi.best_run_id"] for v in versions]
+    assert len(best_runs) == len(set(best_runs)) >= 1
+    assert {p.data.tags["qi.best_run_id"] for p in parents} == set(best_runs)
+    assert client.get_model_version_by_alias("quality-inspector", "champion")

@@ -79,12 +79,22 @@ def _images_in(folder: Path) -> list[Path]:
     )
 
 
+def _has_direct_images(folder: Path) -> bool:
+    return any(p.suffix.lower() in IMAGE_EXTENSIONS for p in folder.iterdir())
+
+
 def _descend_wrappers(root: Path) -> Path:
+    """Skip folders that only wrap one other folder (``x/x/...`` archives); a lone folder
+    holding images is a class, not a wrapper."""
     while True:
         subdirs = _subdirs(root)
-        has_images = any(p.suffix.lower() in IMAGE_EXTENSIONS for p in root.iterdir())
         lowered = {d.name.lower() for d in subdirs}
-        if len(subdirs) == 1 and not has_images and not lowered & set(SPLIT_NAMES):
+        if (
+            len(subdirs) == 1
+            and not _has_direct_images(root)
+            and not _has_direct_images(subdirs[0])
+            and not lowered & set(SPLIT_NAMES)
+        ):
             root = subdirs[0]
         else:
             return root

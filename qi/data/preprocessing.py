@@ -7,15 +7,18 @@ uint8 array ``(size, size, channels)``. Normalisation to floats happens inside t
 
 from __future__ import annotations
 
+import io
+import warnings
 from dataclasses import dataclass
 
 import cv2
 import numpy as np
+from PIL import Image, UnidentifiedImageError
 
 from qi.config import ColorMode, DataConfig
 
-# a decompression bomb: 16k x 16k is far past any inspection camera
-MAX_PIXELS = 16_384 * 16_384
+# past any inspection camera (Pillow's own decompression-bomb limit, ~179 megapixels)
+MAX_PIXELS = 2 * 89_478_485
 
 
 class ImageDecodeError(ValueError):
@@ -44,10 +47,32 @@ def decode_image(data: bytes | bytearray | memoryview) -> np.ndarray:
     buffer = np.frombuffer(data, dtype=np.uint8)
     if buffer.size == 0:
         raise ImageDecodeError("empty image data (0 bytes)")
+    check_declared_size(data)
     image = cv2.imdecode(buffer, cv2.IMREAD_UNCHANGED)
     if image is None:
         raise ImageDecodeError("not a decodable PNG/JPEG/BMP/TIFF image")
     return image
+
+
+def check_declared_size(data: bytes | bytearray | memoryview) -> None:
+    """Refuse a decompression bomb from its header alone, before anything is allocated.
+
+    Pillow reads width and height without decoding pixels; formats it cannot parse are left
+    to OpenCV, whose own limit is a gigapixel.
+    """
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(io.BytesIO(data)) as image:
+                width, height = image.size
+    except Image.DecompressionBombError as exc:
+        raise ImageDecodeError(f"decompression bomb refused: {exc}") from exc
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError):
+        return
+    if width * height > MAX_PIXELS:
+        raise ImageDecodeError(
+            f"image of {width}x{height} pixels is over the {MAX_PIXELS} pixel limit"
+        )
 
 
 def read_image(path: str) -> np.ndarray:
