@@ -8,7 +8,8 @@ Rows:
   raw torch forward        preprocessed uint8 tensors straight into the network (the floor)
   pyfunc, uint8 arrays     mlflow.pyfunc model on a DataFrame of decoded arrays
   pyfunc, encoded PNG      the same on PNG bytes, as a REST client sends them (adds decoding)
-and single-image latency (p50/p95) for the raw forward and for the pyfunc on PNG bytes.
+and single-image latency (p50/p95) for the raw forward and for the pyfunc on PNG bytes,
+then requests/s of `mlflow models serve` (one worker) from one local client.
 Without --model, a default CNN (untrained: speed does not depend on the weights) is logged
 to a temporary store first.
 """
@@ -54,6 +55,78 @@ def logged_default_model(image_size: int, store: Path) -> str:
         return log_inspection_model(net.eval(), spec, example).model_uri
 
 
+def serve_requests_per_second(uri: str, png: bytes, seconds: float) -> tuple[float, float]:
+    """Start ``mlflow models serve`` on a free loopback port; single-image requests from one
+    local client for ``seconds``; returns (requests/s, median latency in ms)."""
+    import base64
+    import json
+    import socket
+    import subprocess
+    import sys
+    import urllib.request
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    server = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "mlflow",
+            "models",
+            "serve",
+            "-m",
+            uri,
+            "--env-manager",
+            "local",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--workers",
+            "1",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+        env={
+            **os.environ,
+            "MLFLOW_TRACKING_URI": mlflow.get_tracking_uri(),
+            # the server starts uvicorn by name: the interpreter's own bin folder goes first
+            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
+        },
+    )
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/ping", timeout=2)
+                break
+            except OSError:
+                if server.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError("mlflow models serve did not start") from None
+                time.sleep(0.3)
+        body = json.dumps(
+            {"dataframe_split": {"columns": ["image"], "data": [[base64.b64encode(png).decode()]]}}
+        ).encode()
+        request = urllib.request.Request(
+            f"http://127.0.0.1:{port}/invocations",
+            data=body,
+            headers={"Content-Type": "application/json"},
+        )
+        latencies = []
+        end = time.monotonic() + seconds
+        while time.monotonic() < end or len(latencies) < 5:
+            started = time.perf_counter()
+            urllib.request.urlopen(request, timeout=30).read()
+            latencies.append(time.perf_counter() - started)
+        return len(latencies) / sum(latencies), statistics.median(latencies) * 1000
+    finally:
+        if server.poll() is None:
+            os.killpg(server.pid, 15)
+            server.wait(timeout=30)
+
+
 def main() -> None:
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -95,6 +168,9 @@ def main() -> None:
             rows.append((name, n / best))
         single_raw = timed(lambda: raw(tensor[:1]), args.repeats * 5)
         single_png = timed(lambda: pyfunc.predict(encoded.iloc[:1]), args.repeats * 5)
+        serve_rate, serve_ms = serve_requests_per_second(
+            uri, encoded["image"][0], 2.0 if args.quick else 15.0
+        )
 
     print(
         f"model: {uri if args.model else 'default CNN (untrained)'}; source images "
@@ -109,6 +185,10 @@ def main() -> None:
         ordered = sorted(times)
         p95 = ordered[min(len(ordered) - 1, int(0.95 * len(ordered)))]
         print(f"{name:<24}{statistics.median(times) * 1000:>10.2f}{p95 * 1000:>9.2f}")
+    print(
+        f"mlflow models serve, one local client, single-image requests: {serve_rate:.0f} "
+        f"requests/s, median {serve_ms:.1f} ms"
+    )
 
 
 if __name__ == "__main__":

@@ -28,6 +28,7 @@ from qi.cli_options import (
     model_options,
     positive,
     recall,
+    tracking_options,
     user_errors,
 )
 from qi.config import (
@@ -137,20 +138,7 @@ def data_synth(
     help="auto uses a GPU when there is one.",
 )
 @click.option("--seed", type=INT, default=TrainConfig.seed, show_default=True)
-@click.option(
-    "--experiment",
-    default=TrackingConfig.experiment,
-    show_default=True,
-    help="MLflow experiment (under `mlflow run`, the run's own).",
-)
-@click.option("--run-name", default=None, callback=empty_as_none)
-@click.option(
-    "--tracking-uri",
-    default=None,
-    callback=empty_as_none,
-    help="Default: MLFLOW_TRACKING_URI, else sqlite:///mlflow.db here.",
-)
-@click.option("--progress/--no-progress", default=True, help="Progress bars.")
+@tracking_options
 @click.option(
     "--target-recall",
     type=float,
@@ -263,10 +251,7 @@ def train(**options) -> None:
     help='Trials to run first, as JSON (inline or a file): {"model.width": 24, ...} or a list.',
 )
 @click.option("--seed", type=INT, default=TuneConfig.seed, show_default=True)
-@click.option("--experiment", default=TrackingConfig.experiment, show_default=True)
-@click.option("--run-name", default=None, callback=empty_as_none)
-@click.option("--tracking-uri", default=None, callback=empty_as_none)
-@click.option("--progress/--no-progress", default=True, help="Progress bars.")
+@tracking_options
 @evaluation_options
 @user_errors
 def tune(**options) -> None:

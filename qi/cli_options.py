@@ -250,6 +250,29 @@ def model_options(func):
     return func
 
 
+def tracking_options(func):
+    """Where a run goes and how it shows progress (train and tune)."""
+    options = [
+        click.option(
+            "--experiment",
+            default=TrackingConfig.experiment,
+            show_default=True,
+            help="MLflow experiment (under `mlflow run`, the run's own).",
+        ),
+        click.option("--run-name", default=None, callback=empty_as_none),
+        click.option(
+            "--tracking-uri",
+            default=None,
+            callback=empty_as_none,
+            help="Default: MLFLOW_TRACKING_URI, else sqlite:///mlflow.db here.",
+        ),
+        click.option("--progress/--no-progress", default=True, help="Progress bars."),
+    ]
+    for option in reversed(options):
+        func = option(func)
+    return func
+
+
 def evaluation_options(func):
     options = [
         click.option(
