@@ -24,6 +24,7 @@ from sklearn.metrics import PrecisionRecallDisplay, RocCurveDisplay  # noqa: E40
 from qi.data.preprocessing import PreprocessConfig, load_and_preprocess  # noqa: E402
 from qi.evaluation import Evaluation  # noqa: E402
 from qi.serving import LABELS  # noqa: E402
+from qi.tracking import log_metrics  # noqa: E402
 
 ARTIFACT_DIR = "evaluation"
 MAX_MISCLASSIFIED = 24
@@ -199,8 +200,6 @@ def summary_markdown(evaluation: Evaluation, pictures: list[str], title: str) ->
 
 def log_evaluation(evaluation: Evaluation, run_id: str, title: str = "Evaluation") -> list[str]:
     """Metrics and every artifact on ``run_id``; returns the artifact paths."""
-    from qi.tracking import log_metrics
-
     log_metrics(evaluation.flat_metrics(), run_id)
     client = mlflow.MlflowClient()
     with tempfile.TemporaryDirectory(prefix="qi-eval-") as tmp:

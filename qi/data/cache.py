@@ -75,8 +75,8 @@ def decode_images(
     if use_cache and array_file.exists() and meta_file.exists():
         meta = json.loads(meta_file.read_text())
         if policy == "strict" and meta["skipped"]:
-            path, reason = next(iter(meta["skipped"].items()))
-            raise ImageDecodeError(reason)
+            reason = next(iter(meta["skipped"].values()))
+            raise ImageDecodeError(f"{reason} (use bad_images=skip to leave such files out)")
         log.debug("decoded images from cache %s", array_file)
         return DecodedImages(np.load(array_file), meta["paths"], meta["skipped"])
 
