@@ -6,8 +6,9 @@ with the median pruner and without pruning.
 
 Both studies search from scratch (no `qi train` configuration enqueued as trial 0), seeded
 alike, in temporary stores. After each study, every trial that became the best so far (by its
-validation objective) is scored on the held-out test split; "time to 95%" is when the study's
-best-so-far model first reached it, counted from the start of the command.
+validation objective, ties by validation loss, as the study picks its best) is scored on the
+held-out test split; "time to 95%" is when the study's best-so-far model first reached it,
+counted from the start of the command.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ from qi.config import (
 )
 from qi.data.datamodule import prepare_data
 from qi.evaluation import binary_metrics, score_split
-from qi.tuning import load_trial_network, tune
+from qi.tuning import load_trial_network, trial_rank, tune
 
 
 def best_so_far_accuracy(study: optuna.Study, base: RunConfig, started: float) -> list[tuple]:
@@ -43,7 +44,9 @@ def best_so_far_accuracy(study: optuna.Study, base: RunConfig, started: float) -
     )
     timeline, best, prepared = [], None, {}
     for trial in complete:
-        if best is not None and trial.value <= best.value:
+        if best is not None and trial_rank(trial, study.direction) >= trial_rank(
+            best, study.direction
+        ):
             continue
         best = trial
         net, spec = load_trial_network(trial)

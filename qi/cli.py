@@ -137,6 +137,13 @@ def data_synth(
     show_default=True,
     help="auto uses a GPU when there is one.",
 )
+@click.option(
+    "--precision",
+    default=None,
+    callback=empty_as_none,
+    help="Lightning precision (32-true, bf16-mixed, 16-mixed). Default: bf16-mixed where the "
+    "GPU or CPU computes bf16 natively, else 16-mixed on GPUs and 32-true on CPUs.",
+)
 @click.option("--seed", type=INT, default=TrainConfig.seed, show_default=True)
 @tracking_options
 @click.option(
@@ -250,6 +257,13 @@ def train(**options) -> None:
     callback=empty_as_none,
     help='Trials to run first, as JSON (inline or a file): {"model.width": 24, ...} or a list.',
 )
+@click.option(
+    "--precision",
+    default=None,
+    callback=empty_as_none,
+    help="Lightning precision (32-true, bf16-mixed, 16-mixed). Default: bf16-mixed where the "
+    "GPU or CPU computes bf16 natively, else 16-mixed on GPUs and 32-true on CPUs.",
+)
 @click.option("--seed", type=INT, default=TuneConfig.seed, show_default=True)
 @tracking_options
 @evaluation_options
@@ -286,7 +300,8 @@ def describe_evaluation(evaluation) -> str:
     return (
         f"test at threshold {evaluation.threshold:.3f}: accuracy {m['acc']:.4f}, "
         f"F1 {m['f1']:.4f}, defect recall {m['defect_recall']:.4f}, ROC AUC {m['auroc']:.4f}"
-        f" (at 0.5: accuracy {h['acc']:.4f}, defect recall {h['defect_recall']:.4f})"
+        f", log loss {m['log_loss']:.4f} (at 0.5: accuracy {h['acc']:.4f}, F1 {h['f1']:.4f}, "
+        f"defect recall {h['defect_recall']:.4f})"
     )
 
 

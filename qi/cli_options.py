@@ -359,7 +359,7 @@ def build_tune_config(options: dict) -> tuple[RunConfig, TuneConfig]:
     base = RunConfig(
         data=_data_config(options),
         model=ModelConfig(pretrained=options["pretrained"]),
-        train=TrainConfig(seed=options["seed"]),
+        train=TrainConfig(seed=options["seed"], precision=options["precision"]),
         tracking=_tracking_config(options),
         evaluation=evaluation_config(options),
     )
@@ -383,6 +383,7 @@ def build_run_config(options: dict) -> RunConfig:
         weight_decay=options["weight_decay"],
         early_stopping_patience=options["patience"],
         accelerator=options["accelerator"],
+        precision=options["precision"],
         seed=options["seed"],
     )
     return RunConfig(

@@ -20,6 +20,7 @@ from sklearn.metrics import (
     classification_report,
     confusion_matrix,
     f1_score,
+    log_loss,
     precision_score,
     recall_score,
     roc_auc_score,
@@ -28,6 +29,8 @@ from sklearn.metrics import (
 from qi.data.datamodule import PreparedData
 from qi.models import InspectionNet
 from qi.serving import LABELS, defect_probabilities
+
+DEFAULT_THRESHOLD = 0.5  # the classifier's own boundary (class-balanced loss)
 
 
 def score_split(
@@ -39,24 +42,52 @@ def score_split(
 
 
 def choose_threshold(labels: np.ndarray, scores: np.ndarray, target_recall: float) -> float:
-    """The highest threshold whose defect recall on these scores is at least ``target_recall``.
+    """The threshold, at most 0.5, with the fewest false alarms whose defect recall on these
+    scores is at least ``target_recall``; placed mid-gap below the last defect it must catch.
 
-    The highest such threshold raises the fewest false alarms. With ``n`` defective images the
-    recall is reached by flagging the ``ceil(target * n)`` highest-scored of them, so the
-    threshold is that image's score. Without defective images the default 0.5 stands.
+    With ``n`` defective images the recall is reached by flagging the ``ceil(target * n)``
+    highest-scored of them; every threshold between that image's score and the next lower
+    score (of any image) gives the same recall and false alarms here. Two choices guard the
+    recall on new images, which a validation split of a hundred defects can hardly vouch for:
+
+    - the threshold only moves *down* from the classifier's own boundary 0.5. Raising it
+      because validation recall would survive trades real recall for fewer false alarms: in
+      our default study the raised threshold (0.91, one validation defect allowed to slip)
+      missed 5 test defects where 0.5 missed 2;
+    - within the gap it sits at the midpoint in logit space, not at the top edge, so a test
+      defect scored a hair below the validation one is still caught.
+
+    Without defective images the default 0.5 stands.
     """
     if not 0 < target_recall <= 1:
         raise ValueError(f"target recall must be in (0, 1], got {target_recall}")
-    positives = np.sort(np.asarray(scores)[np.asarray(labels) == 1])[::-1]
+    scores, labels = np.asarray(scores, dtype=float), np.asarray(labels)
+    positives = np.sort(scores[labels == 1])[::-1]
     if positives.size == 0:
-        return 0.5
+        return DEFAULT_THRESHOLD
     needed = math.ceil(target_recall * positives.size - 1e-9)
-    return float(positives[needed - 1])
+    lowest_caught = float(positives[needed - 1])
+    if lowest_caught >= DEFAULT_THRESHOLD:
+        return DEFAULT_THRESHOLD
+    below = scores[scores < lowest_caught]
+    if below.size == 0:
+        return lowest_caught
+    return float(_sigmoid((_logit(lowest_caught) + _logit(float(below.max()))) / 2))
+
+
+def _logit(p: float, eps: float = 1e-7) -> float:
+    p = min(max(p, eps), 1 - eps)
+    return math.log(p / (1 - p))
+
+
+def _sigmoid(x: float) -> float:
+    return 1 / (1 + math.exp(-x))
 
 
 def binary_metrics(labels: np.ndarray, scores: np.ndarray, threshold: float = 0.5) -> dict:
     """Accuracy, precision, defect recall, F1 (defective class and macro) at ``threshold``;
-    ROC AUC and average precision over the scores."""
+    ROC AUC, average precision and log loss over the scores (threshold-free: they still rank
+    models whose accuracy ties on a few hundred images)."""
     predicted = (scores >= threshold).astype(int)
     both_classes = len(np.unique(labels)) == 2
     return {
@@ -70,6 +101,7 @@ def binary_metrics(labels: np.ndarray, scores: np.ndarray, threshold: float = 0.
         "average_precision": average_precision_score(labels, scores)
         if both_classes
         else float("nan"),
+        "log_loss": log_loss(labels, np.clip(scores, 1e-7, 1 - 1e-7), labels=[0, 1]),
     }
 
 

@@ -161,6 +161,7 @@ def summary_markdown(evaluation: Evaluation, pictures: list[str], title: str) ->
         "macro_f1",
         "auroc",
         "average_precision",
+        "log_loss",
     ):
         rows.append(f"| {key} | {m[key]:.4f} | {h[key]:.4f} |")
     matrix = evaluation.confusion()

@@ -6,20 +6,37 @@ from qi.evaluation import binary_metrics, choose_threshold, evaluation_from_scor
 from qi.evaluation_report import plot_confusion, plot_curves, plot_defect_recall, summary_markdown
 
 
-def test_threshold_reaches_the_target_recall_with_fewest_alarms():
+def _logit_midpoint(a, b):
+    logit = lambda p: np.log(p / (1 - p))  # noqa: E731
+    return 1 / (1 + np.exp(-(logit(a) + logit(b)) / 2))
+
+
+def test_threshold_reaches_the_target_recall_with_fewest_alarms_in_the_middle_of_the_gap():
     labels = np.array([1] * 10 + [0] * 10)
     scores = np.concatenate([np.linspace(0.1, 1.0, 10), np.linspace(0.0, 0.45, 10)])
-    # 9 of 10 defects must be caught: the 9th highest defect score is 0.2
-    assert choose_threshold(labels, scores, 0.9) == pytest.approx(0.2)
-    # all of them: the lowest defect score
-    assert choose_threshold(labels, scores, 1.0) == pytest.approx(0.1)
-    # half of them: 0.6 (scores 1.0, 0.9, 0.8, 0.7, 0.6 are caught)
-    assert choose_threshold(labels, scores, 0.5) == pytest.approx(0.6)
+    # 9 of 10 defects must be caught: the 9th highest defect score is 0.2, the next lower
+    # score is an ok image's 0.15
+    assert choose_threshold(labels, scores, 0.9) == pytest.approx(_logit_midpoint(0.2, 0.15))
+    # all of them: the lowest defect score 0.1, next lower 0.05
+    assert choose_threshold(labels, scores, 1.0) == pytest.approx(_logit_midpoint(0.1, 0.05))
+    # half of them: 0.5 already catches 6 (0.5 ... 1.0); the threshold never rises above it
+    assert choose_threshold(labels, scores, 0.5) == 0.5
     for target in (0.5, 0.9, 1.0):
         threshold = choose_threshold(labels, scores, target)
-        assert binary_metrics(labels, scores, threshold)["defect_recall"] >= target
-        # any higher threshold misses the target
-        assert binary_metrics(labels, scores, threshold + 1e-6)["defect_recall"] < target
+        at_threshold = binary_metrics(labels, scores, threshold)
+        assert at_threshold["defect_recall"] >= target and threshold <= 0.5
+        # no other threshold up to 0.5 has the recall with fewer false alarms
+        for other in np.unique(scores[scores <= 0.5]):
+            alternative = binary_metrics(labels, scores, other)
+            if alternative["defect_recall"] >= target:
+                assert alternative["ok_recall"] <= at_threshold["ok_recall"]
+    # the lowest score of all is a defect that must be caught: nothing below it, its score
+    assert choose_threshold(np.array([1, 0]), np.array([0.3, 0.9]), 1.0) == pytest.approx(0.3)
+    # a confident network: every defect above 0.5, no reason to raise the threshold
+    assert choose_threshold(np.array([1, 1, 0, 0]), np.array([0.99, 0.9, 0.2, 0.01]), 0.5) == 0.5
+    # a defect at 0.3 with ok images up to 0.01: the middle of the gap in logit space
+    gap = choose_threshold(np.array([1, 1, 0]), np.array([0.9, 0.3, 0.01]), 1.0)
+    assert gap == pytest.approx(_logit_midpoint(0.3, 0.01)) and 0.01 < gap < 0.3
     assert choose_threshold(np.zeros(4), np.ones(4), 0.99) == 0.5  # no defects: default
     with pytest.raises(ValueError):
         choose_threshold(labels, scores, 0)

@@ -13,11 +13,12 @@ from qi.study_setup import (
     apply_params,
     default_params,
     default_storage_path,
+    learning_rate_range,
     load_search_space,
     parse_enqueue,
     suggest_params,
 )
-from qi.tuning import tune
+from qi.tuning import best_trial, tune
 
 TINY_SPACE = SearchSpace(batch_sizes=(16,), depth=(2, 3), widths=(4, 8), image_sizes=(32,))
 
@@ -25,7 +26,7 @@ TINY_SPACE = SearchSpace(batch_sizes=(16,), depth=(2, 3), widths=(4, 8), image_s
 def test_params_map_onto_the_config():
     trial = FixedTrial(
         {
-            "train.learning_rate": 0.005,
+            "train.learning_rate": 0.05,
             "train.optimizer": "sgd",
             "train.weight_decay": 1e-5,
             "data.batch_size": 64,
@@ -42,6 +43,33 @@ def test_params_map_onto_the_config():
     assert config.train.optimizer == "sgd" and config.model.width == 24
     assert config.data.image_size == 96 and config.data.batch_size == 64
     assert config.data.data_dir is None  # untouched fields stay
+
+
+def test_sgd_samples_its_own_learning_rate_range():
+    space = SearchSpace(optimizers=("adamw", "sgd"))
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
+    for _ in range(30):
+        params = suggest_params(study.ask(), space)
+        low, high = learning_rate_range(space, params["train.optimizer"])
+        assert low <= params["train.learning_rate"] <= high
+    assert learning_rate_range(space, "sgd") == space.sgd_learning_rate
+    assert learning_rate_range(space, "adam") == space.learning_rate
+
+
+def test_best_trial_breaks_objective_ties_by_validation_loss():
+    study = optuna.create_study(direction="maximize")
+    for value, loss in ((0.99, 0.02), (1.0, 0.04), (0.98, 0.001), (1.0, 0.01), (1.0, 0.03)):
+        study.add_trial(
+            optuna.trial.create_trial(
+                value=value,
+                params={"x": 0.0},
+                distributions={"x": optuna.distributions.FloatDistribution(0, 1)},
+                user_attrs={"val_loss": loss},
+            )
+        )
+    assert study.best_trial.number == 1  # Optuna keeps the first of the tied 1.0s
+    assert best_trial(study).number == 3  # the tied trial with the lowest loss
+    assert best_trial(optuna.create_study()) is None
 
 
 def test_default_configuration_is_the_first_trial_when_inside_the_space():
