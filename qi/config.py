@@ -85,6 +85,7 @@ class TrainConfig:
     weight_decay: float = 1e-4
     momentum: float = 0.9  # SGD only
     early_stopping_patience: int = 5
+    early_stopping_after: int = 0  # epochs before early stopping may act (studies: half)
     monitor: str = "val/loss"  # early stopping and best checkpoint
     accelerator: str = "auto"
     precision: str | None = None  # None: bf16 where the GPU/CPU has it, else 16 (GPU) or 32

@@ -155,6 +155,27 @@ class InspectionModule(pl.LightningModule):
         return {"optimizer": optimizer, "lr_scheduler": schedule}
 
 
+class WarmEarlyStopping(EarlyStopping):
+    """Early stopping that does not act before ``min_epochs``.
+
+    In a study a slow starter must live until the pruner judges it: a depth-4 trial that a
+    5-epoch patience ended at epoch 8 (validation F1 0.73) reached 0.98 when let run. Unlike
+    the Trainer's ``min_epochs`` this leaves ``max_time`` (a study's deadline) in force.
+    """
+
+    def __init__(self, *args, min_epochs: int = 0, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.min_epochs = min_epochs
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.current_epoch + 1 >= self.min_epochs:
+            super().on_train_epoch_end(trainer, pl_module)
+
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.current_epoch + 1 >= self.min_epochs:
+            super().on_validation_end(trainer, pl_module)
+
+
 class AttachedMLFlowLogger(MLFlowLogger):
     """Lightning's MLflow logger bound to a run qi owns: it must not end that run."""
 
@@ -225,8 +246,11 @@ def fit(
             save_top_k=1,
             save_weights_only=True,
         )
-        stopper = EarlyStopping(
-            monitor=monitor, mode=metric_mode(monitor), patience=train.early_stopping_patience
+        stopper = WarmEarlyStopping(
+            monitor=monitor,
+            mode=metric_mode(monitor),
+            patience=train.early_stopping_patience,
+            min_epochs=train.early_stopping_after,
         )
         limit = train.limit_batches
         trainer = pl.Trainer(

@@ -147,8 +147,7 @@ class TrialRunner:
                 progress=self.progress,
             )
         except optuna.TrialPruned:
-            self.client.set_tag(run_id, "qi.trial_state", "pruned")
-            self.client.set_terminated(run_id, "KILLED")
+            self._end_pruned(run_id, by="pruner")
             raise
         except BaseException as exc:  # KeyboardInterrupt too: never leave a run RUNNING
             interrupted = isinstance(exc, KeyboardInterrupt)
@@ -169,17 +168,42 @@ class TrialRunner:
             },
             run_id,
         )
+        if self._cut_by_deadline(result, config) and _has_complete_trial(trial.study):
+            # a fit the deadline cut short says little about its configuration: recorded as
+            # pruned, it neither misleads the sampler nor reads as a finished trial in the UI
+            self._end_pruned(run_id, by="deadline")
+            raise optuna.TrialPruned(
+                f"the study's deadline stopped it after {result.epochs_run} epochs"
+            )
         self._save_weights(result.net, config, data, run_id)
         self.client.set_tag(run_id, "qi.trial_state", "complete")
         self.client.set_terminated(run_id, "FINISHED")
         return value
+
+    def _end_pruned(self, run_id: str, by: str) -> None:
+        self.client.set_tag(run_id, "qi.trial_state", "pruned")
+        self.client.set_tag(run_id, "qi.pruned_by", by)
+        self.client.set_terminated(run_id, "KILLED")
+
+    def _cut_by_deadline(self, result, config: RunConfig) -> bool:
+        return (
+            self.deadline is not None
+            and time.monotonic() >= self.deadline
+            and result.epochs_run < config.train.epochs
+        )
 
     def _configure(self, trial: optuna.Trial, run_id: str) -> tuple[RunConfig, PreparedData]:
         config = apply_params(self.base, suggest_params(trial, self.tune.space))
         remaining = None if self.deadline is None else max(self.deadline - time.monotonic(), 1)
         # the epoch kept is chosen on the smooth val/loss, as `qi train` does; the objective
         # is then read at that epoch, so it describes the weights the trial keeps
-        train = replace(config.train, epochs=self.tune.epochs, max_seconds=remaining)
+        # early stopping waits for the pruner's verdict (half the epochs): slow starters live
+        train = replace(
+            config.train,
+            epochs=self.tune.epochs,
+            early_stopping_after=self.tune.epochs // 2,
+            max_seconds=remaining,
+        )
         config = replace(config, train=train)
         data = self.data.get(config.data.image_size)
         trial.set_user_attr("data_digest", data.digest)
@@ -209,6 +233,11 @@ class FailureBudget:
                     "%d trials failed; stopping the study (see the qi.error tags)", self.failed
                 )
                 study.stop()
+
+
+def _has_complete_trial(study: optuna.Study) -> bool:
+    """A study without one keeps even a cut-short trial: it still yields a model."""
+    return bool(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)))
 
 
 def finished_trials(study: optuna.Study) -> int:

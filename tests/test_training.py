@@ -2,12 +2,15 @@
 
 from pathlib import Path
 
+import lightning.pytorch as pl
 import mlflow
 import pandas as pd
 import pytest
+import torch
+from torch.utils.data import DataLoader, TensorDataset
 
 from qi.train import train
-from qi.training import metric_mode, validate_metric
+from qi.training import WarmEarlyStopping, metric_mode, validate_metric
 
 
 def test_metric_names():
@@ -53,3 +56,38 @@ def test_one_epoch_run_is_fully_tracked(tiny_config):
 
     expected = defect_probabilities(outcome.result.net, outcome.data.split("test")[0][:3])
     assert predictions["defect_probability"].to_numpy() == pytest.approx(expected, abs=1e-5)
+
+
+class ConstantValidation(pl.LightningModule):
+    """Learns nothing and reports the same validation loss every epoch."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.zeros(1))
+
+    def training_step(self, batch, batch_idx):
+        return (self.weight * batch[0]).sum()
+
+    def validation_step(self, batch, batch_idx):
+        self.log("val/loss", 1.0)
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.0)
+
+
+@pytest.mark.parametrize(("after", "epochs_run"), [(0, 2), (4, 5)])
+def test_early_stopping_waits_until_its_start(after, epochs_run):
+    loader = DataLoader(TensorDataset(torch.ones(4, 1)), batch_size=2)
+    stopper = WarmEarlyStopping(monitor="val/loss", patience=1, min_epochs=after)
+    trainer = pl.Trainer(
+        max_epochs=8,
+        accelerator="cpu",
+        callbacks=[stopper],
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    trainer.fit(ConstantValidation(), loader, loader)
+    # first check sets the best score, the next one without improvement stops (patience 1)
+    assert trainer.current_epoch == epochs_run

@@ -213,3 +213,23 @@ def test_a_second_tune_resumes_the_study(tiny_config):
     # a finished study is not run again
     third = tune(tiny_config, _tiny_tune(tiny_config, n_trials=3), progress=False)
     assert len(third.study.trials) == 3
+
+
+@pytest.mark.slow
+def test_a_trial_cut_by_the_deadline_is_pruned_once_the_study_has_a_model(tiny_config):
+    # 400 epochs never fit in 3 s: every trial is cut by the deadline
+    config = _tiny_tune(tiny_config, n_trials=1, epochs=400, timeout=3.0, pruner="none")
+    first = tune(tiny_config, config, progress=False)
+    (trial_0,) = first.study.trials
+    # the study's only trial stays complete: the study must still yield a model
+    assert trial_0.state == TrialState.COMPLETE and first.model_uri is not None
+    second = tune(tiny_config, replace(config, n_trials=2), progress=False)
+    trial_1 = second.study.trials[1]
+    assert trial_1.state == TrialState.PRUNED
+    client = mlflow.MlflowClient()
+    run = client.get_run(trial_1.user_attrs["mlflow_run_id"])
+    assert run.info.status == "KILLED"
+    assert run.data.tags["qi.trial_state"] == "pruned"
+    assert run.data.tags["qi.pruned_by"] == "deadline"
+    assert 0 < run.data.metrics["epochs_run"] < 400
+    assert second.best_trial.number == 0
