@@ -12,31 +12,27 @@ small number.
 
 from __future__ import annotations
 
-import argparse
 import os
 import tempfile
 import time
 from pathlib import Path
 
 import torch
+from _common import benchmark_args
 from torch import nn
 
 from qi.config import DataConfig, ModelConfig, SynthConfig, TrainConfig
 from qi.data import synth
 from qi.data.datamodule import InspectionDataModule, prepare_data
+from qi.fit import trainer_precision
 from qi.models import build_model
-from qi.training import trainer_precision
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--image-size", type=int, default=128)
-    parser.add_argument("--quick", action="store_true")
-    args = parser.parse_args()
+    args = benchmark_args(__doc__, quick={"image_size": 48}, image_size=128)
     synth_config = SynthConfig()
     if args.quick:
         synth_config = SynthConfig(n_train=100, n_test=20, image_size=48)
-        args.image_size = 48
     with tempfile.TemporaryDirectory() as tmp:
         os.environ["QI_CACHE_DIR"] = str(Path(tmp) / "cache")
         data_dir = synth.generate(Path(tmp) / "data", synth_config, progress=False)

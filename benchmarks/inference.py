@@ -16,7 +16,6 @@ to a temporary store first.
 
 from __future__ import annotations
 
-import argparse
 import os
 import statistics
 import tempfile
@@ -27,12 +26,14 @@ import mlflow
 import numpy as np
 import pandas as pd
 import torch
+from _common import benchmark_args
 
 from qi.config import ModelConfig
 from qi.data.preprocessing import PreprocessConfig
 from qi.data.synth import render_casting
+from qi.inference import ModelSpec, prepare_batch
 from qi.models import build_model
-from qi.serving import ModelSpec, as_model_input, encode_png, log_inspection_model, prepare_batch
+from qi.serving import as_model_input, encode_png, log_inspection_model
 
 
 def timed(func, repeats: int) -> list[float]:
@@ -60,57 +61,16 @@ def serve_requests_per_second(uri: str, png: bytes, seconds: float) -> tuple[flo
     local client for ``seconds``; returns (requests/s, median latency in ms)."""
     import base64
     import json
-    import socket
-    import subprocess
-    import sys
     import urllib.request
 
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    server = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "mlflow",
-            "models",
-            "serve",
-            "-m",
-            uri,
-            "--env-manager",
-            "local",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-            "--workers",
-            "1",
-        ],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,
-        env={
-            **os.environ,
-            "MLFLOW_TRACKING_URI": mlflow.get_tracking_uri(),
-            # the server starts uvicorn by name: the interpreter's own bin folder goes first
-            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
-        },
-    )
-    try:
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                urllib.request.urlopen(f"http://127.0.0.1:{port}/ping", timeout=2)
-                break
-            except OSError:
-                if server.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError("mlflow models serve did not start") from None
-                time.sleep(0.3)
+    from qi.services import model_server
+
+    with model_server(uri, env={"MLFLOW_TRACKING_URI": mlflow.get_tracking_uri()}) as url:
         body = json.dumps(
             {"dataframe_split": {"columns": ["image"], "data": [[base64.b64encode(png).decode()]]}}
         ).encode()
         request = urllib.request.Request(
-            f"http://127.0.0.1:{port}/invocations",
+            f"{url}/invocations",
             data=body,
             headers={"Content-Type": "application/json"},
         )
@@ -121,23 +81,19 @@ def serve_requests_per_second(uri: str, png: bytes, seconds: float) -> tuple[flo
             urllib.request.urlopen(request, timeout=30).read()
             latencies.append(time.perf_counter() - started)
         return len(latencies) / sum(latencies), statistics.median(latencies) * 1000
-    finally:
-        if server.poll() is None:
-            os.killpg(server.pid, 15)
-            server.wait(timeout=30)
 
 
 def main() -> None:
-    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", help="model URI (default: a default CNN in a temp store)")
-    parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--image-size", type=int, default=128, help="source image size")
-    parser.add_argument("--repeats", type=int, default=10)
-    parser.add_argument("--quick", action="store_true", help="tiny smoke run")
-    args = parser.parse_args()
-    if args.quick:
-        args.batch_size, args.repeats, args.image_size = 8, 2, 48
+    # --model: a model URI (default: a default CNN in a temp store); --image-size: of the
+    # source images
+    args = benchmark_args(
+        __doc__,
+        quick={"batch_size": 8, "repeats": 2, "image_size": 48},
+        model="",
+        batch_size=64,
+        image_size=128,
+        repeats=10,
+    )
 
     with tempfile.TemporaryDirectory() as tmp:
         uri = args.model or logged_default_model(args.image_size, Path(tmp))

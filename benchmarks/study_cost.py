@@ -13,7 +13,6 @@ counted from the start of the command.
 
 from __future__ import annotations
 
-import argparse
 import os
 import tempfile
 import time
@@ -22,6 +21,7 @@ from pathlib import Path
 
 import mlflow
 import optuna
+from _common import benchmark_args
 
 from qi.config import (
     DataConfig,
@@ -33,7 +33,7 @@ from qi.config import (
 )
 from qi.data.datamodule import prepare_data
 from qi.evaluation import binary_metrics, score_split
-from qi.tuning import load_trial_network, trial_rank, tune
+from qi.study import load_trial_network, trial_rank, tune
 
 
 def best_so_far_accuracy(study: optuna.Study, base: RunConfig, started: float) -> list[tuple]:
@@ -67,17 +67,17 @@ def first_time_at(timeline: list[tuple], level: float) -> str:
 
 
 def main() -> None:
-    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--timeout", type=float, default=TuneConfig.timeout)
-    parser.add_argument("--n-trials", type=int, default=TuneConfig.n_trials)
-    parser.add_argument("--quick", action="store_true")
-    args = parser.parse_args()
+    args = benchmark_args(
+        __doc__,
+        quick={"n_trials": 2, "timeout": 0.0},
+        timeout=TuneConfig.timeout,
+        n_trials=TuneConfig.n_trials,
+    )
     synth, space, epochs = SynthConfig(), TuneConfig().space, TuneConfig.epochs
     if args.quick:
         synth = SynthConfig(n_train=80, n_test=30, image_size=32)
         space = replace(space, image_sizes=(32,), widths=(4,), depth=(2, 2))
-        args.n_trials, args.timeout, epochs = 2, None, 1
+        epochs = 1
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         if args.quick:

@@ -12,7 +12,6 @@ picks by default when this machine computes it natively (bf16 autocast).
 
 from __future__ import annotations
 
-import argparse
 import os
 import tempfile
 import time
@@ -21,12 +20,13 @@ from pathlib import Path
 
 import mlflow
 import torch
+from _common import benchmark_args
 from torch import nn
 
 from qi.config import DataConfig, RunConfig, SynthConfig, TrainConfig
 from qi.data.datamodule import InspectionDataModule, prepare_data
+from qi.fit import fit, trainer_precision
 from qi.models import build_model
-from qi.training import fit, trainer_precision
 
 
 def plain_loop(config: RunConfig, data, epochs: int) -> float:
@@ -69,17 +69,12 @@ def qi_fit(config: RunConfig, data, epochs: int, store: Path) -> float:
 
 
 def main() -> None:
-    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--epochs", type=int, default=3)
-    parser.add_argument("--image-size", type=int, default=128)
-    parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--quick", action="store_true")
-    args = parser.parse_args()
+    args = benchmark_args(
+        __doc__, quick={"epochs": 1, "image_size": 48}, epochs=3, image_size=128, batch_size=32
+    )
     synth = SynthConfig()
     if args.quick:
         synth = SynthConfig(n_train=120, n_test=20, image_size=48)
-        args.epochs, args.image_size = 1, 48
     with tempfile.TemporaryDirectory() as tmp:
         if args.quick:  # the real run reuses the embedded set from the qi cache
             os.environ["QI_CACHE_DIR"] = str(Path(tmp) / "cache")

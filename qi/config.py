@@ -1,15 +1,35 @@
-"""Typed settings for every stage of qi. Defaults live here and nowhere else.
+"""Typed settings for every stage of qi: each one declared here, once, with its option.
 
-The CLI, the MLproject entry points and the tests all build these dataclasses; library code
-takes them as arguments instead of reading options or environment variables itself.
+Every field a user can set carries its default, help, choices and check (see
+:mod:`qi.options`); the click commands (:mod:`qi.cli`), ``MLproject`` and the validation of a
+config built in Python are derived from these declarations. Library code takes these
+dataclasses as arguments instead of reading options or environment variables itself.
+
+Choices are asked of the registry that owns them (models, activations, optimizers, metrics,
+samplers, pruners), so a new entry there is a new choice here without an edit.
 """
 
 from __future__ import annotations
 
+import importlib
 import os
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, fields, is_dataclass, replace
 from pathlib import Path
 from typing import Any, Literal
+
+from qi.options import (
+    SharedOption,
+    fraction,
+    json_objects,
+    not_negative,
+    option,
+    positive,
+    recall_target,
+    shared_option,
+    unit_interval,
+    validate,
+)
 
 ColorMode = Literal["gray", "rgb"]
 BadImagePolicy = Literal["skip", "strict"]
@@ -27,35 +47,98 @@ def cache_dir() -> Path:
     return Path(base) / "qi"
 
 
+# ---------------------------------------------------------------- choices, from their owners
+
+
+def _names_of(module: str, attribute: str) -> Callable[[], list[str]]:
+    """The names in a registry (a dict, a tuple or a function returning names), looked up
+    when asked for: the registry stays their only list, and importing the config stays cheap."""
+
+    def names() -> list[str]:
+        owner = getattr(importlib.import_module(module), attribute)
+        return list(owner() if callable(owner) else owner)
+
+    return names
+
+
+_model_names = _names_of("qi.models", "model_names")
+_activations = _names_of("qi.models.cnn", "ACTIVATIONS")
+_optimizers = _names_of("qi.fit", "OPTIMIZERS")
+_objective_metrics = _names_of("qi.fit", "objective_metrics")
+_samplers = _names_of("qi.study.setup", "SAMPLERS")
+_pruners = _names_of("qi.study.setup", "PRUNERS")
+_promotion_metrics = _names_of("qi.evaluation.metrics", "PROMOTION_METRICS")
+
+
+class Checked:
+    """Validates a config's declared fields when it is made, ``replace``d or read back."""
+
+    def __post_init__(self) -> None:
+        validate(self)
+
+
+# ---------------------------------------------------------------- options set in several places
+
+SEED = shared_option(
+    42,
+    "Seed of the split, the training and the sampler: the same seed and files give the same "
+    "split (and, on a CPU, the same trials).",
+)
+MODEL_NAME = shared_option(DEFAULT_MODEL_NAME, "Registry name of the model.")
+MODEL_URI = shared_option(
+    None,
+    "The model: models:/NAME@champion, models:/NAME/3, models:/m-<id> or runs:/<id>/model.",
+    flag="--model",
+    required=True,
+)
+
+
 @dataclass(frozen=True)
-class SynthConfig:
+class SynthConfig(Checked):
     """The embedded casting data set; sized to train to >95% accuracy in minutes on 2 cores."""
 
-    n_train: int = 1300
-    n_test: int = 300
-    image_size: int = 128
-    defect_fraction: float = 0.57  # the Kaggle casting set has 57% defective images
-    subtle_fraction: float = 0.25  # share of defects drawn small and low-contrast
-    seed: int = 0
+    n_train: int = option(1300, "Training images to generate.", check=positive)
+    n_test: int = option(300, "Test images to generate.", check=positive)
+    image_size: int = option(128, "Square size of the generated images.", check=positive)
+    # the Kaggle casting set has 57% defective images
+    defect_fraction: float = option(0.57, "Share of defective images.", check=fraction)
+    subtle_fraction: float = option(
+        0.25, "Share of defects drawn small and low-contrast.", check=unit_interval
+    )
+    seed: int = option(0, "Seed of the generated set (image i depends only on seed, split, i).")
 
 
 @dataclass(frozen=True)
-class DataConfig:
+class DataConfig(Checked):
     """Where the images are and how they become tensors."""
 
-    data_dir: Path | None = None  # None: the embedded synthetic casting set
-    ok_class: str | None = None  # None: detected from common names (good, ok, ok_front, ...)
-    image_size: int = 128
-    color_mode: ColorMode = "gray"
-    clahe: bool = False  # contrast-limited histogram equalisation before resizing
-    val_fraction: float = 0.15
-    test_fraction: float = 0.15
-    max_images: int | None = None  # stratified subsample for quick runs
-    augment_strength: float = 0.5  # 0 disables augmentation, 1 is strong
-    batch_size: int = 32
+    data_dir: Path | None = option(
+        None,
+        "Folder of labelled images (class folders, Kaggle train/test, or an MVTec AD "
+        "category). Default: the embedded synthetic casting set.",
+        must_exist="folder",
+    )
+    ok_class: str | None = option(
+        None,
+        "Folder name of the good class (default: detected from good, ok, ok_front, pass, normal).",
+    )
+    image_size: int = option(128, "Images are resized to this square size.", check=positive)
+    color_mode: ColorMode = option("gray", "Channels the model sees.")
+    clahe: bool = option(False, "Contrast-limited histogram equalisation (uneven lighting).")
+    val_fraction: float = option(0.15, "Validation share of the images.", check=fraction)
+    test_fraction: float = option(
+        0.15, "Held-out share when the layout has no test folder.", check=fraction
+    )
+    max_images: int | None = option(None, "Stratified subsample for quick runs.", check=positive)
+    augment_strength: float = option(
+        0.5, "0 disables augmentation, 1 is strong.", check=unit_interval
+    )
+    batch_size: int = option(32, "Images per training step.", check=positive)
     num_workers: int = 0  # decoded images live in memory; workers rarely pay off on CPU
-    bad_images: BadImagePolicy = "skip"
-    seed: int = 42
+    bad_images: BadImagePolicy = option(
+        "skip", "skip: leave unreadable files out and list them; strict: stop."
+    )
+    seed: int = SEED.field()
 
     @property
     def channels(self) -> int:
@@ -63,58 +146,83 @@ class DataConfig:
 
 
 @dataclass(frozen=True)
-class ModelConfig:
+class ModelConfig(Checked):
     """Which network; CNN fields apply to ``name='cnn'``, ``pretrained`` to backbones."""
 
-    name: str = "cnn"
-    depth: int = 5
-    width: int = 16
-    activation: str = "relu"
-    dropout: float = 0.2
+    name: str = option(
+        "cnn", "Network architecture.", flag="--model", choices=_model_names, noun="model"
+    )
+    depth: int = option(5, "CNN blocks.", check=positive)
+    width: int = option(16, "CNN channels of the first block.", check=positive)
+    activation: str = option("relu", "CNN activation.", choices=_activations)
+    dropout: float = option(0.2, "Dropout before the classifier.", check=fraction)
     batch_norm: bool = True
-    pretrained: str | None = None  # None, "imagenet" (torch hub cache) or a weights file path
+    pretrained: str | None = option(
+        None,
+        "Backbones: 'imagenet' (from torch's hub cache, never downloaded) or a weights file.",
+    )
 
 
 @dataclass(frozen=True)
-class TrainConfig:
+class TrainConfig(Checked):
     """How one configuration is fitted."""
 
-    epochs: int = 15
-    optimizer: str = "adamw"
-    learning_rate: float = 2e-3
-    weight_decay: float = 1e-4
+    epochs: int = option(15, "Training epochs (early stopping may end sooner).", check=positive)
+    optimizer: str = option("adamw", "Optimizer.", choices=_optimizers)
+    learning_rate: float = option(2e-3, "Initial learning rate (cosine decay).", check=positive)
+    weight_decay: float = option(1e-4, "Weight decay.", check=not_negative)
     momentum: float = 0.9  # SGD only
-    early_stopping_patience: int = 5
+    early_stopping_patience: int = option(
+        5, "Early-stopping patience in epochs.", flag="--patience", check=positive
+    )
     early_stopping_after: int = 0  # epochs before early stopping may act (studies: half)
     monitor: str = "val/loss"  # early stopping and best checkpoint
-    accelerator: str = "auto"
-    precision: str | None = None  # None: bf16 where the GPU/CPU has it, else 16 (GPU) or 32
+    accelerator: str = option("auto", "auto uses a GPU when there is one.")
+    precision: str | None = option(
+        None,
+        "Lightning precision (32-true, bf16-mixed, 16-mixed). Default: bf16-mixed where the "
+        "GPU or CPU computes bf16 natively, else 16-mixed on GPUs and 32-true on CPUs.",
+    )
     deterministic: bool = False
     limit_batches: float | int | None = None  # tests shrink epochs with this
     max_seconds: float | None = None  # wall-clock cap of one fit (a study's deadline)
-    seed: int = 42
-
-
-PROMOTION_METRICS = ("f1", "acc", "auroc", "average_precision", "defect_recall", "macro_f1")
+    seed: int = SEED.field()
 
 
 @dataclass(frozen=True)
-class EvaluationConfig:
+class EvaluationConfig(Checked):
     """The operating point and how a new model is compared with the champion."""
 
-    target_recall: float = 0.99  # threshold chosen on validation to catch this share of defects
-    promotion_metric: str = "f1"  # test metric a new version must beat: f1, acc, auroc, ...
-    register: bool = True  # tune registers its best model
-    force_promote: bool = False
+    target_recall: float = option(
+        0.99,
+        "Defect recall the threshold must reach on the validation split.",
+        check=recall_target,
+    )
+    promotion_metric: str = option(
+        "f1",
+        "Test metric a new version must beat to become champion.",
+        choices=_promotion_metrics,
+        noun="promotion metric",
+    )
+    register: bool = option(True, "Register the best model.")
+    force_promote: bool = option(
+        False, "Make the new version champion whatever the comparison says.", negatable=False
+    )
 
 
 @dataclass(frozen=True)
-class TrackingConfig:
+class TrackingConfig(Checked):
     """Where runs go. ``tracking_uri=None`` keeps MLFLOW_TRACKING_URI or a local sqlite store."""
 
-    tracking_uri: str | None = None
-    experiment: str = DEFAULT_EXPERIMENT
-    run_name: str | None = None
+    tracking_uri: str | None = option(
+        None, "Default: MLFLOW_TRACKING_URI, else sqlite:///mlflow.db here.", mlproject=False
+    )
+    experiment: str = option(
+        DEFAULT_EXPERIMENT,
+        "MLflow experiment (under `mlflow run`, the run's own).",
+        mlproject=False,
+    )
+    run_name: str | None = option(None, "MLflow run name.", mlproject=False)
     log_model: bool = True
 
 
@@ -130,47 +238,145 @@ class RunConfig:
     synth: SynthConfig = field(default_factory=SynthConfig)
 
 
+def _ordered_range(value: tuple) -> str | None:
+    if len(value) != 2:
+        return f"needs (low, high), got {list(value)}"
+    low, high = value
+    return f"low {low} is above high {high}" if low > high else None
+
+
+def _not_empty(value: tuple) -> str | None:
+    return None if value else "needs at least one choice"
+
+
 @dataclass(frozen=True)
-class SearchSpace:
+class SearchSpace(Checked):
     """What a study may vary. Ranges are (low, high); tuples of names or sizes are choices.
 
-    Ranges hold `qi train`'s defaults and leave out what did not learn in a short budget: in
-    our studies on the embedded data, every trial with depth 3, an Adam learning rate near 3e-4,
-    SGD below 1e-2 or Adam's L2 weight decay above 2e-3 ended near "everything is defective"
+    Set from a JSON file (``--search-space``) with any of these fields. Ranges hold `qi
+    train`'s defaults and leave out what did not learn in a short budget: in our studies on
+    the embedded data, every trial with depth 3, an Adam learning rate near 3e-4, SGD below
+    1e-2 or Adam's L2 weight decay above 2e-3 ended near "everything is defective"
     (validation F1 <= 0.76). A default study has room for a handful of trials, not for those.
     """
 
-    learning_rate: tuple[float, float] = (5e-4, 8e-3)  # Adam and AdamW, log scale
-    sgd_learning_rate: tuple[float, float] = (1e-2, 2e-1)  # SGD with momentum needs ~20x more
-    optimizers: tuple[str, ...] = ("adamw", "adam", "sgd")
-    weight_decay: tuple[float, float] = (1e-6, 1e-3)  # log scale
-    batch_sizes: tuple[int, ...] = (16, 32, 64)
-    dropout: tuple[float, float] = (0.0, 0.5)
-    activations: tuple[str, ...] = ("relu", "gelu", "silu")
-    models: tuple[str, ...] = ("cnn",)
-    depth: tuple[int, int] = (4, 5)  # cnn only
-    widths: tuple[int, ...] = (8, 16, 24)  # cnn only
-    augment_strength: tuple[float, float] = (0.0, 1.0)
-    image_sizes: tuple[int, ...] = (96, 128)  # 64 px blurs pin holes away
+    learning_rate: tuple[float, ...] = option(
+        (5e-4, 8e-3), "Adam and AdamW learning rate (log scale).", check=_ordered_range
+    )
+    sgd_learning_rate: tuple[float, ...] = option(
+        (1e-2, 2e-1), "SGD learning rate: SGD with momentum needs ~20x more.", check=_ordered_range
+    )
+    optimizers: tuple[str, ...] = option(
+        ("adamw", "adam", "sgd"), "Optimizers.", choices=_optimizers, check=_not_empty
+    )
+    weight_decay: tuple[float, ...] = option(
+        (1e-6, 1e-3), "Weight decay (log scale).", check=_ordered_range
+    )
+    batch_sizes: tuple[int, ...] = option((16, 32, 64), "Batch sizes.", check=_not_empty)
+    dropout: tuple[float, ...] = option((0.0, 0.5), "Dropout.", check=_ordered_range)
+    activations: tuple[str, ...] = option(
+        ("relu", "gelu", "silu"), "CNN activations.", choices=_activations, check=_not_empty
+    )
+    models: tuple[str, ...] = option(
+        ("cnn",), "Architectures.", choices=_model_names, noun="model", check=_not_empty
+    )
+    depth: tuple[int, ...] = option((4, 5), "CNN depth (blocks).", check=_ordered_range)
+    widths: tuple[int, ...] = option((8, 16, 24), "CNN widths.", check=_not_empty)
+    augment_strength: tuple[float, ...] = option(
+        (0.0, 1.0), "Augmentation strength.", check=_ordered_range
+    )
+    # 64 px blurs pin holes away
+    image_sizes: tuple[int, ...] = option((96, 128), "Image sizes.", check=_not_empty)
 
 
 @dataclass(frozen=True)
-class TuneConfig:
+class TuneConfig(Checked):
     """The Optuna study around :class:`RunConfig`: budget, objective, sampler, pruner, storage."""
 
-    study_name: str = "qi"
-    storage: str | None = None  # None: a journal file next to the tracking store
-    n_trials: int = 20  # finished (complete or pruned) trials the study should have
-    timeout: float | None = 480.0  # seconds for this worker; running trials stop at the deadline
-    epochs: int = 30  # per trial: twice `qi train`'s 15, which stops while still improving
-    metric: str = "val/f1"  # F1 of the defective class; ties go to the lower val/loss
-    sampler: str = "tpe"
-    pruner: str = "median"
-    seed: int = 42
+    study_name: str = option(
+        "qi", "Same name + same storage = the same study (resume, or parallel workers)."
+    )
+    storage: str | None = option(
+        None,
+        "Optuna storage: a database URL (postgresql://, mysql://, sqlite://) or a journal "
+        "file. Default: optuna-studies.journal next to the tracking store.",
+    )
+    n_trials: int = option(
+        20,
+        "Finished trials the study should have (a resumed study counts its own).",
+        check=positive,
+    )
+    timeout: float | None = option(
+        480.0,
+        "Seconds for this worker; running trials stop at the deadline. 0: none.",
+        check=not_negative,
+    )
+    # twice `qi train`'s 15, which stops while still improving
+    epochs: int = option(30, "Epochs per trial.", check=positive)
+    metric: str = option(
+        "val/f1",
+        "Validation metric to optimise (F1 of the defective class; ties go to the lower val/loss).",
+        choices=_objective_metrics,
+        noun="metric",
+    )
+    sampler: str = option("tpe", "Optuna sampler.", choices=_samplers)
+    pruner: str = option("median", "Optuna pruner.", choices=_pruners)
+    image_size: int | None = option(
+        None, "Fix the image size (default: search the space's sizes).", check=positive
+    )
+    models: tuple[str, ...] | None = option(
+        None,
+        "Comma-separated architectures to search (default: the space's, cnn).",
+        choices=_model_names,
+        noun="model",
+    )
+    search_space: Path | None = option(
+        None, "JSON file overriding search-space ranges and choices.", must_exist="file"
+    )
+    enqueue: tuple[dict, ...] = option(
+        (),
+        'Trials to run first, as JSON (inline or a file): {"model.width": 24, ...} or a list.',
+        parse=json_objects,
+    )
+    seed: int = SEED.field()
     start_with_defaults: bool = True  # trial 0 is `qi train`'s configuration
-    model_name: str = DEFAULT_MODEL_NAME  # registry name of the best model
-    enqueue: tuple[dict, ...] = ()  # configurations to evaluate first (dotted param names)
+    model_name: str = MODEL_NAME.field()
     space: SearchSpace = field(default_factory=SearchSpace)
+
+    @property
+    def deadline_seconds(self) -> float | None:
+        """The worker's time budget; 0 and None both mean none."""
+        return self.timeout or None
+
+
+@dataclass(frozen=True)
+class EvaluateConfig(Checked):
+    """``qi evaluate``: which logged model to score on a data set's test split."""
+
+    model_uri: str | None = MODEL_URI.field()
+
+
+@dataclass(frozen=True)
+class PromoteConfig(Checked):
+    """``qi promote``: a version (or a run's model) to compare with the champion."""
+
+    version: str | None = option(None, "Registered version to promote.")
+    run_id: str | None = option(None, "Register this run's model, then promote it.")
+    data_dir: Path | None = option(
+        None,
+        "Test images for the comparison (default: the version's own data).",
+        must_exist="folder",
+    )
+    model_name: str = MODEL_NAME.field()
+
+
+@dataclass(frozen=True)
+class PredictConfig(Checked):
+    """``qi predict``: which model scores the files, and where the table goes."""
+
+    model_uri: str | None = MODEL_URI.field()
+    output: Path = option(Path("predictions.csv"), "CSV to write.", short="-o")
+    batch_size: int = option(64, "Images per forward pass.", check=positive)
 
 
 def flatten(config: Any, prefix: str = "") -> dict[str, Any]:
@@ -179,7 +385,7 @@ def flatten(config: Any, prefix: str = "") -> dict[str, Any]:
     for f in fields(config):
         value = getattr(config, f.name)
         key = f"{prefix}{f.name}"
-        if hasattr(value, "__dataclass_fields__"):
+        if is_dataclass(value):
             flat.update(flatten(value, prefix=f"{key}."))
         else:
             flat[key] = str(value) if isinstance(value, Path) else value
@@ -192,6 +398,8 @@ def to_dict(config: Any) -> dict[str, Any]:
     def convert(value: Any) -> Any:
         if isinstance(value, dict):
             return {k: convert(v) for k, v in value.items()}
+        if isinstance(value, (list, tuple)):
+            return [convert(v) for v in value]
         if isinstance(value, Path):
             return str(value)
         return value
@@ -199,20 +407,50 @@ def to_dict(config: Any) -> dict[str, Any]:
     return convert(asdict(config) if is_dataclass(config) else config)
 
 
+def from_dict(cls: type, raw: dict[str, Any]) -> Any:
+    """The inverse of :func:`to_dict`: a config from its JSON form (e.g. a run's
+    ``config.json``). Unknown keys (from another qi version) are ignored; missing ones keep
+    their defaults."""
+    from qi.options import field_type
+
+    kwargs: dict[str, Any] = {}
+    for f in fields(cls):
+        if f.name not in raw:
+            continue
+        value = raw[f.name]
+        kind = field_type(cls, f.name)
+        if is_dataclass(kind.base) and isinstance(value, dict):
+            value = from_dict(kind.base, value)
+        elif value is not None and kind.base is Path:
+            value = Path(value)
+        elif value is not None and kind.base is tuple:
+            value = tuple(value)
+        kwargs[f.name] = value
+    return cls(**kwargs)
+
+
 __all__ = [
+    "MODEL_NAME",
+    "MODEL_URI",
+    "SEED",
     "BadImagePolicy",
     "ColorMode",
     "DataConfig",
+    "EvaluateConfig",
     "EvaluationConfig",
     "ModelConfig",
+    "PredictConfig",
+    "PromoteConfig",
     "RunConfig",
     "SearchSpace",
+    "SharedOption",
     "SynthConfig",
     "TrackingConfig",
     "TrainConfig",
     "TuneConfig",
     "cache_dir",
     "flatten",
+    "from_dict",
     "replace",
     "to_dict",
 ]

@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 
 from qi.data.discovery import IMAGE_EXTENSIONS
 from qi.data.preprocessing import ImageDecodeError, load_and_preprocess
-from qi.serving import LABELS, defect_probabilities
+from qi.inference import LABELS, decide, defect_probabilities
 
 COLUMNS = ["file", "label", "defect_probability", "threshold", "error"]
 
@@ -72,7 +72,7 @@ def predict_files(
                 rows.append(
                     {
                         "file": str(path),
-                        "label": "" if error else LABELS[int(score >= spec.threshold)],
+                        "label": "" if error else LABELS[int(decide(score, spec.threshold))],
                         "defect_probability": score,
                         "threshold": spec.threshold,
                         "error": error,

@@ -10,7 +10,7 @@ The decision, the reason and both figures are tags on the version.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import mlflow
@@ -20,9 +20,11 @@ from filelock import FileLock
 from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
 
-from qi.config import PROMOTION_METRICS, cache_dir
-from qi.evaluation import binary_metrics
+from qi.config import DataConfig, cache_dir, from_dict
+from qi.evaluation import PROMOTION_METRICS, binary_metrics
 from qi.serving import IMAGE_COLUMN
+from qi.tags import Tag
+from qi.tracking import read_run_config
 
 log = logging.getLogger(__name__)
 
@@ -80,7 +82,7 @@ def version_of_trial_run(name: str, trial_run_id: str) -> ModelVersion | None:
     except MlflowException:
         return None
     for version in versions:
-        if version.tags.get("qi.best_run_id") == trial_run_id:
+        if version.tags.get(Tag.BEST_RUN_ID) == trial_run_id:
             return version
     return None
 
@@ -141,13 +143,13 @@ def promote(
         previous_champion=None if current is None else str(current.version),
     )
     tags = {
-        "qi.promotion": alias,
-        "qi.promotion_reason": reason,
-        "qi.promotion_metric": f"test/{metric}",
-        "qi.candidate_score": f"{candidate_score:.6f}",
-        "qi.champion_score": "" if incumbent_score is None else f"{incumbent_score:.6f}",
-        "qi.previous_champion_version": decision.previous_champion or "",
-        "qi.test_images": str(len(test_frame)),
+        Tag.PROMOTION: alias,
+        Tag.PROMOTION_REASON: reason,
+        Tag.PROMOTION_METRIC: f"test/{metric}",
+        Tag.CANDIDATE_SCORE: f"{candidate_score:.6f}",
+        Tag.CHAMPION_SCORE: "" if incumbent_score is None else f"{incumbent_score:.6f}",
+        Tag.PREVIOUS_CHAMPION: decision.previous_champion or "",
+        Tag.TEST_IMAGES: str(len(test_frame)),
     }
     for key, value in tags.items():
         client.set_model_version_tag(name, str(version), key, value)
@@ -167,31 +169,19 @@ def model_uri_of_run(run_id: str) -> str:
     return max(models, key=lambda m: m.creation_timestamp).model_uri
 
 
-def data_config_of_run(run_id: str, data_dir: Path | None = None):
-    """The data settings a run was evaluated with, to compare on the same test images."""
-    from qi.config import DataConfig
-
-    run = mlflow.MlflowClient().get_run(run_id)
-    params, tags = run.data.params, run.data.tags
-    root = data_dir or (Path(tags["qi.data_root"]) if tags.get("qi.data_root") else None)
+def data_config_of_run(run_id: str, data_dir: Path | None = None) -> DataConfig:
+    """The data settings a run was evaluated with (its logged ``config.json``), to compare
+    models on the same test images; ``data_dir`` replaces the folder it recorded."""
+    raw = read_run_config(run_id)
+    raw = raw.get("base", raw)  # a study's parent run logs {"base": ..., "tune": ...}
+    data = from_dict(DataConfig, raw.get("data", {}))
+    root = data_dir or data.data_dir
+    if root is None:
+        tags = mlflow.MlflowClient().get_run(run_id).data.tags
+        root = Path(tags[Tag.DATA_ROOT]) if tags.get(Tag.DATA_ROOT) else None
     if root is None:
         raise ValueError(f"run {run_id} records no data folder: pass --data-dir")
-    defaults = DataConfig()
-
-    def number(key: str, cast, default):
-        value = params.get(f"data.{key}", "")
-        return cast(value) if value not in ("", "None") else default
-
-    return DataConfig(
-        data_dir=root,
-        ok_class=params.get("data.ok_class") or None,
-        image_size=number("image_size", int, defaults.image_size),
-        color_mode=params.get("data.color_mode", defaults.color_mode),
-        val_fraction=number("val_fraction", float, defaults.val_fraction),
-        test_fraction=number("test_fraction", float, defaults.test_fraction),
-        max_images=number("max_images", int, None),
-        seed=number("seed", int, defaults.seed),
-    )
+    return replace(data, data_dir=Path(root))
 
 
 def promote_by_hand(
@@ -212,7 +202,7 @@ def promote_by_hand(
         registered = register(
             model_uri_of_run(run_id),
             name,
-            tags={"qi.source_run_id": run_id},
+            tags={Tag.SOURCE_RUN_ID: run_id},
             description=f"Registered by hand from run {run_id}.",
         )
         version = str(registered.version)

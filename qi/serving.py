@@ -1,10 +1,10 @@
 """The deployable model: an MLflow pyfunc that takes raw images and returns decisions.
 
-The model carries its preprocessing (the same :func:`qi.data.preprocessing.preprocess` that
-training used, shipped as code with the model), its architecture as JSON, its weights as a
-plain state dict (loaded with ``weights_only=True``: nothing is unpickled) and its decision
-threshold. Callers send images, never tensors: a DataFrame with one column ``image`` whose
-cells are either
+The model carries its preprocessing (the same :mod:`qi.inference` and
+:func:`qi.data.preprocessing.preprocess` code that training and evaluation use, shipped as
+code with the model), its architecture as JSON, its weights as a plain state dict (loaded with
+``weights_only=True``: nothing is unpickled) and its decision threshold. Callers send images,
+never tensors: a DataFrame with one column ``image`` whose cells are either
 
 * encoded PNG/JPEG/BMP/TIFF bytes (over REST: base64 strings, which MLflow decodes), or
 * uint8/uint16 arrays ``(H, W)`` or ``(H, W, C)`` of any size (colour in RGB order).
@@ -15,11 +15,8 @@ a DataFrame and a tensor, so a batch array or a list goes through :func:`as_mode
 
 from __future__ import annotations
 
-import base64
 import io
-import json
 import tempfile
-from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -30,37 +27,19 @@ import pandas as pd
 import torch
 
 import qi
-from qi.config import ModelConfig
-from qi.data.preprocessing import ImageDecodeError, PreprocessConfig, decode_image, preprocess
-from qi.models import InspectionNet, build_model
+from qi.inference import (
+    ModelSpec,
+    decide,
+    defect_probabilities,
+    label_names,
+    load_network,
+    prepare_batch,
+)
+from qi.models import InspectionNet
 
 IMAGE_COLUMN = "image"
 WEIGHTS_ARTIFACT = "weights"
 SPEC_ARTIFACT = "spec"
-LABELS = ("ok", "defective")
-
-
-@dataclass(frozen=True)
-class ModelSpec:
-    """Everything besides the weights that the served model needs."""
-
-    model: ModelConfig
-    preprocess: PreprocessConfig
-    threshold: float = 0.5
-    qi_version: str = qi.__version__
-
-    def to_json(self) -> str:
-        return json.dumps(asdict(self), indent=2)
-
-    @classmethod
-    def from_json(cls, text: str) -> ModelSpec:
-        raw = json.loads(text)
-        return cls(
-            model=ModelConfig(**raw["model"]),
-            preprocess=PreprocessConfig(**raw["preprocess"]),
-            threshold=float(raw["threshold"]),
-            qi_version=raw.get("qi_version", "?"),
-        )
 
 
 def as_model_input(images: Any) -> pd.DataFrame:
@@ -95,44 +74,8 @@ def _images_from_input(model_input: Any) -> list[np.ndarray | bytes]:
     raise ValueError(f"unsupported input type {type(model_input).__name__}")
 
 
-def prepare_batch(items: list, config: PreprocessConfig) -> np.ndarray:
-    """Preprocess every item; an error names the row so one bad image shifts nothing."""
-    out = np.empty((len(items), config.image_size, config.image_size, config.channels), np.uint8)
-    for row, item in enumerate(items):
-        try:
-            if isinstance(item, (bytes, bytearray, memoryview)):
-                image, bgr = decode_image(item), True
-            elif isinstance(item, str):  # base64 that MLflow did not decode (AnyType clients)
-                image, bgr = decode_image(base64.b64decode(item, validate=True)), True
-            elif isinstance(item, np.ndarray):
-                image, bgr = _checked_array(item), False
-            else:
-                raise ValueError(
-                    f"expected encoded image bytes or a uint8 array, got {type(item).__name__}"
-                )
-            out[row] = preprocess(image, config, bgr=bgr)
-        except (ImageDecodeError, ValueError, cv2.error) as exc:  # binascii.Error is one too
-            raise ValueError(f"row {row}: {exc}") from exc
-    return out
-
-
-def _checked_array(image: np.ndarray) -> np.ndarray:
-    """Arrays must say unambiguously what their pixels are: 8 or 16 bit integers."""
-    if image.dtype not in (np.uint8, np.uint16):
-        raise ValueError(
-            f"{image.dtype} array: send uint8 (or uint16) pixels; scale floats "
-            "to 0..255 and convert with .astype(np.uint8)"
-        )
-    if image.ndim not in (2, 3) or (image.ndim == 3 and image.shape[2] not in (1, 3, 4)):
-        raise ValueError(
-            f"image array of shape {image.shape}: expected (H, W) or (H, W, C) "
-            "with 1, 3 or 4 channels"
-        )
-    return image
-
-
 class InspectionModel(mlflow.pyfunc.PythonModel):
-    """pyfunc wrapper: validate, preprocess, score, threshold."""
+    """pyfunc wrapper over :mod:`qi.inference`: validate, preprocess, score, decide."""
 
     def load_context(self, context) -> None:
         self.spec = ModelSpec.from_json(Path(context.artifacts[SPEC_ARTIFACT]).read_text())
@@ -145,32 +88,11 @@ class InspectionModel(mlflow.pyfunc.PythonModel):
         probabilities = defect_probabilities(self.net, batch)
         return pd.DataFrame(
             {
-                "label": np.where(probabilities >= threshold, LABELS[1], LABELS[0]),
+                "label": label_names(decide(probabilities, threshold)),
                 "defect_probability": probabilities.astype(np.float64),
                 "threshold": threshold,
             }
         )
-
-
-def load_network(spec: ModelSpec, weights_file: Path) -> InspectionNet:
-    net = build_model(
-        ModelConfig(**{**asdict(spec.model), "pretrained": None}), spec.preprocess.channels
-    )
-    state = torch.load(weights_file, map_location="cpu", weights_only=True)
-    net.load_state_dict(state)
-    return net.eval().to(memory_format=torch.channels_last)
-
-
-@torch.inference_mode()
-def defect_probabilities(net: InspectionNet, batch: np.ndarray, batch_size: int = 64) -> np.ndarray:
-    """Defect probability per image of a preprocessed uint8 (N, H, W, C) batch."""
-    device = next(net.parameters()).device
-    scores = []
-    for start in range(0, len(batch), batch_size):
-        chunk = torch.from_numpy(batch[start : start + batch_size]).permute(0, 3, 1, 2)
-        chunk = chunk.to(device).contiguous(memory_format=torch.channels_last)
-        scores.append(torch.sigmoid(net(chunk).float()).cpu().numpy())
-    return np.concatenate(scores) if scores else np.zeros(0, np.float32)
 
 
 def encode_png(image: np.ndarray) -> bytes:

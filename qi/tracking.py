@@ -1,4 +1,9 @@
-"""The one place that talks to MLflow about stores, runs, tags, datasets and artifacts.
+"""Talking to MLflow about stores, runs, params, tags, datasets and artifacts.
+
+Stages call these helpers instead of MLflow's client so that how qi opens, ends and annotates
+runs is written once; the names of tags and artifacts live in :mod:`qi.tags`. (The registry,
+:mod:`qi.registry`, and the pyfunc logging, :mod:`qi.serving`, use MLflow's model APIs
+directly: those are their whole job.)
 
 Default store: ``sqlite:///<working dir>/mlflow.db`` (the registry needs a database), unless
 ``MLFLOW_TRACKING_URI`` or an explicit URI says otherwise; a remote server works the same.
@@ -22,15 +27,14 @@ from typing import Any
 
 import mlflow
 import pandas as pd
-from mlflow.entities import DatasetInput, InputTag, Metric, Param
+from mlflow.entities import DatasetInput, InputTag, Metric, Param, RunTag
 from mlflow.exceptions import MlflowException
 
 import qi
 from qi.config import TrackingConfig, flatten, to_dict
+from qi.tags import Artifact, Tag
 
 log = logging.getLogger(__name__)
-
-TAG_PREFIX = "qi."
 
 
 class TrackingError(RuntimeError):
@@ -93,7 +97,7 @@ def training_run(config: TrackingConfig, tags: dict[str, str] | None = None) -> 
         try:
             yield run.info.run_id
         except KeyboardInterrupt:  # Ctrl-C or SIGTERM: stopped on purpose, not broken
-            mlflow.set_tag("qi.interrupted", "true")
+            mlflow.set_tag(Tag.INTERRUPTED, "true")
             mlflow.end_run("KILLED")
             raise
 
@@ -116,12 +120,12 @@ def git_commit() -> str | None:
 
 
 def standard_tags(data_digest: str | None, extra: dict[str, str] | None = None) -> dict[str, str]:
-    tags = {f"{TAG_PREFIX}version": qi.__version__}
+    tags = {Tag.VERSION: qi.__version__}
     if data_digest:
-        tags[f"{TAG_PREFIX}data_digest"] = data_digest
+        tags[Tag.DATA_DIGEST] = data_digest
     commit = git_commit()
     if commit:
-        tags[f"{TAG_PREFIX}git_commit"] = commit
+        tags[Tag.GIT_COMMIT] = commit
     tags.update(extra or {})
     return tags
 
@@ -154,7 +158,7 @@ def log_run_config(config: Any, run_id: str) -> None:
     """The full configuration as ``config.json``, written first: it proves the artifact
     store is writable before any training time is spent."""
     try:
-        log_json_artifact(to_dict(config), "config.json", run_id)
+        log_json_artifact(to_dict(config), Artifact.CONFIG, run_id)
     except Exception as exc:
         location = mlflow.MlflowClient().get_run(run_id).info.artifact_uri
         first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
@@ -183,3 +187,55 @@ def log_metrics(metrics: dict[str, float], run_id: str, step: int | None = None)
     now = int(time.time() * 1000)
     clean = [Metric(k, float(v), now, step or 0) for k, v in metrics.items() if v == v]
     client.log_batch(run_id, metrics=clean)
+
+
+def read_json_artifact(run_id: str, artifact_file: str) -> Any:
+    with tempfile.TemporaryDirectory(prefix="qi-read-") as tmp:
+        path = mlflow.artifacts.download_artifacts(
+            run_id=run_id, artifact_path=artifact_file, dst_path=tmp
+        )
+        return json.loads(Path(path).read_text())
+
+
+def read_run_config(run_id: str) -> dict[str, Any]:
+    """The ``config.json`` a run logged first (see :func:`log_run_config`)."""
+    return read_json_artifact(run_id, Artifact.CONFIG)
+
+
+def start_child_run(parent_run_id: str, run_name: str, tags: dict[str, str]) -> str:
+    """A run nested under ``parent_run_id``, created by id: ``MLFLOW_RUN_ID`` (set under
+    ``mlflow run``) can't hijack it, and it exists before anything can fail."""
+    client = mlflow.MlflowClient()
+    experiment = client.get_run(parent_run_id).info.experiment_id
+    run = client.create_run(
+        experiment, run_name=run_name, tags={Tag.PARENT_RUN: parent_run_id, **tags}
+    )
+    return run.info.run_id
+
+
+def set_tags(run_id: str, tags: dict[str, str]) -> None:
+    client = mlflow.MlflowClient()
+    client.log_batch(run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
+
+
+def end_run(run_id: str, status: str, tags: dict[str, str] | None = None) -> None:
+    """Tag and end a run (FINISHED, KILLED or FAILED) that qi created by id."""
+    if tags:
+        set_tags(run_id, tags)
+    mlflow.MlflowClient().set_terminated(run_id, status)
+
+
+def run_status(run_id: str) -> str:
+    return mlflow.MlflowClient().get_run(run_id).info.status
+
+
+def download_run_artifacts(run_id: str, artifact_path: str, dst_path: str) -> Path:
+    return Path(
+        mlflow.artifacts.download_artifacts(
+            run_id=run_id, artifact_path=artifact_path, dst_path=dst_path
+        )
+    )
+
+
+def log_artifact_folder(run_id: str, folder: Path, artifact_path: str) -> None:
+    mlflow.MlflowClient().log_artifacts(run_id, str(folder), artifact_path)

@@ -1,4 +1,8 @@
-"""``qi train``: one tracked training run, end to end. The CLI and tests call :func:`train`."""
+"""``qi train``: one tracked training run, end to end. The CLI and tests call :func:`train`.
+
+The fit itself is :func:`qi.fit.fit`; this module owns the run around it: tags, params, the
+data it saw, the test evaluation and the logged model.
+"""
 
 from __future__ import annotations
 
@@ -10,8 +14,11 @@ import mlflow
 from qi.config import RunConfig
 from qi.data.datamodule import PreparedData, check_data_dir, prepare_data
 from qi.evaluation import Evaluation, evaluate
-from qi.evaluation_report import log_evaluation
-from qi.serving import ModelSpec, log_inspection_model
+from qi.evaluation.report import log_evaluation
+from qi.fit import FitResult, fit
+from qi.inference import ModelSpec
+from qi.serving import log_inspection_model
+from qi.tags import Artifact, Kind, Tag
 from qi.tracking import (
     configure_tracking,
     log_config,
@@ -23,7 +30,6 @@ from qi.tracking import (
     standard_tags,
     training_run,
 )
-from qi.training import FitResult, fit
 
 log = logging.getLogger(__name__)
 
@@ -41,10 +47,10 @@ def log_prepared_data(data: PreparedData, run_id: str) -> None:
     """Dataset input, split counts and skipped files of a run's data."""
     log_dataset(data.frame, data.root, data.digest, name=data.root.name, run_id=run_id)
     counts = data.counts().reset_index()
-    log_table_artifact(counts, "data/split_counts.csv", run_id)
+    log_table_artifact(counts, Artifact.SPLIT_COUNTS, run_id)
     if data.skipped:
         skipped = [{"path": p, "reason": r} for p, r in data.skipped.items()]
-        log_json_artifact(skipped, "data/skipped_images.json", run_id)
+        log_json_artifact(skipped, Artifact.SKIPPED_IMAGES, run_id)
 
 
 def train(config: RunConfig, progress: bool = True) -> TrainOutcome:
@@ -62,10 +68,10 @@ def train(config: RunConfig, progress: bool = True) -> TrainOutcome:
     tags = standard_tags(
         data.digest,
         {
-            "qi.kind": "train",
-            "qi.data_layout": data.layout,
-            "qi.ok_class": data.ok_class,
-            "qi.data_root": str(data.root),
+            Tag.KIND: Kind.TRAIN,
+            Tag.DATA_LAYOUT: data.layout,
+            Tag.OK_CLASS: data.ok_class,
+            Tag.DATA_ROOT: str(data.root),
         },
     )
     with training_run(config.tracking, tags=tags) as run_id:

@@ -10,7 +10,9 @@ BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("script", sorted(p.name for p in BENCHMARKS.glob("*.py")))
+@pytest.mark.parametrize(
+    "script", sorted(p.name for p in BENCHMARKS.glob("*.py") if not p.name.startswith("_"))
+)
 def test_benchmark_runs_in_quick_mode(script, tmp_path):
     done = subprocess.run(
         [sys.executable, str(BENCHMARKS / script), "--quick"],

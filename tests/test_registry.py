@@ -6,8 +6,9 @@ import mlflow
 import pytest
 import torch
 
+from qi.inference import ModelSpec
 from qi.registry import CHALLENGER, CHAMPION, champion, decide, promote, promote_by_hand, register
-from qi.serving import ModelSpec, log_inspection_model
+from qi.serving import log_inspection_model
 from qi.train import train
 
 

@@ -3,10 +3,8 @@
 import base64
 import json
 import os
-import socket
 import subprocess
 import sys
-import time
 import urllib.request
 from dataclasses import replace
 from pathlib import Path
@@ -19,8 +17,10 @@ import pytest
 from click.testing import CliRunner
 
 from qi.cli import cli
+from qi.inference import defect_probabilities, prepare_batch
 from qi.registry import promote, register
-from qi.serving import as_model_input, defect_probabilities, prepare_batch
+from qi.services import answers, free_port, interpreter_env, start, stop, wait_until
+from qi.serving import as_model_input
 from qi.train import train
 
 PROJECT = Path(__file__).resolve().parent.parent
@@ -48,6 +48,7 @@ def test_registered_model_in_a_fresh_process(champion):
 import json, sys
 import cv2, mlflow, numpy as np, pandas as pd
 from qi.serving import as_model_input
+from qi.services import answers, free_port, interpreter_env, start, stop, wait_until
 model = mlflow.pyfunc.load_model("models:/quality-inspector@champion")
 paths = {paths!r}
 encoded = pd.DataFrame({{"image": [open(p, "rb").read() for p in paths]}})
@@ -96,12 +97,6 @@ def test_bad_inputs_name_the_row(champion):
         as_model_input(np.zeros((4, 4), np.uint8))
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _dockerfile_command(name: str) -> str:
     """The shell command of a Dockerfile's exec-form CMD ["sh", "-c", "..."]."""
     text = (PROJECT / "docker" / name).read_text()
@@ -113,33 +108,14 @@ def _dockerfile_command(name: str) -> str:
 
 @pytest.mark.slow
 def test_rest_serving_with_the_docker_command(champion):
-    port = _free_port()
-    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_RUN")}
-    env |= {
-        "MODEL_URI": "models:/quality-inspector@champion",
-        "PORT": str(port),
-        "WORKERS": "1",
-        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}",
-    }
-    command = _dockerfile_command("serve.Dockerfile").replace("0.0.0.0", "127.0.0.1")
-    server = subprocess.Popen(
-        ["sh", "-c", command],
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        start_new_session=True,
+    port = free_port()
+    env = interpreter_env(
+        MODEL_URI="models:/quality-inspector@champion", PORT=str(port), WORKERS="1"
     )
+    command = _dockerfile_command("serve.Dockerfile").replace("0.0.0.0", "127.0.0.1")
+    server = start(["sh", "-c", command], env=env)
     try:
-        deadline = time.monotonic() + 90
-        while True:
-            try:
-                urllib.request.urlopen(f"http://127.0.0.1:{port}/ping", timeout=2)
-                break
-            except OSError:
-                assert server.poll() is None, server.stdout.read()[-3000:]
-                assert time.monotonic() < deadline, "server did not answer /ping in 90 s"
-                time.sleep(0.5)
+        wait_until(answers(f"http://127.0.0.1:{port}/ping"), "the serve image's command", server)
         paths = _test_images(champion, 2)
         payload = {
             "dataframe_split": {
@@ -158,8 +134,7 @@ def test_rest_serving_with_the_docker_command(champion):
         assert [p["defect_probability"] for p in predictions] == pytest.approx(expected, abs=1e-5)
         assert {p["label"] for p in predictions} <= {"ok", "defective"}
     finally:
-        os.killpg(server.pid, 15)
-        server.wait(timeout=30)
+        stop(server)
 
 
 def test_tracking_server_command_uses_real_flags():

@@ -1,6 +1,7 @@
-"""The LightningModule and the fit of one configuration.
+"""Fitting one configuration: the LightningModule, its metrics and optimizers, and :func:`fit`.
 
-:func:`fit` is what ``qi train`` and every Optuna trial call: it takes prepared data and an
+This is a library, not a command: :func:`fit` is what ``qi train`` (:mod:`qi.train`) and every
+Optuna trial (:mod:`qi.study.trials`) call: it takes prepared data and an
 MLflow run id owned by the caller, trains with early stopping, restores the best epoch and
 returns the network with its validation figures. It never starts or ends MLflow runs; the
 caller owns them. The test split is scored by :mod:`qi.evaluation`, once, at the chosen
@@ -14,7 +15,7 @@ import signal
 import tempfile
 import time
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import lightning.pytorch as pl
@@ -38,9 +39,48 @@ from qi.models import InspectionNet, build_model
 
 log = logging.getLogger(__name__)
 
-OPTIMIZERS = ("adamw", "adam", "sgd")
-# metrics a caller may monitor or optimise; "loss" is minimised, the rest maximised
-METRIC_NAMES = ("loss", "acc", "f1", "auroc", "defect_recall", "precision")
+# name -> torchmetrics class, computed per stage (train/val) and epoch with the defective
+# class as the positive one; the first is a study's default objective
+STAGE_METRICS = {
+    "f1": BinaryF1Score,
+    "auroc": BinaryAUROC,
+    "acc": BinaryAccuracy,
+    "defect_recall": BinaryRecall,
+    "precision": BinaryPrecision,
+}
+# what a caller may monitor or optimise; "loss" is minimised, the rest maximised
+METRIC_NAMES = (*STAGE_METRICS, "loss")
+
+
+def objective_metrics() -> list[str]:
+    """What a study may optimise: every validation metric."""
+    return [f"val/{m}" for m in METRIC_NAMES]
+
+
+def _adamw(params, c: TrainConfig) -> torch.optim.Optimizer:
+    return torch.optim.AdamW(params, lr=c.learning_rate, weight_decay=c.weight_decay)
+
+
+def _adam(params, c: TrainConfig) -> torch.optim.Optimizer:
+    return torch.optim.Adam(params, lr=c.learning_rate, weight_decay=c.weight_decay)
+
+
+def _sgd(params, c: TrainConfig) -> torch.optim.Optimizer:
+    return torch.optim.SGD(
+        params,
+        lr=c.learning_rate,
+        momentum=c.momentum,
+        weight_decay=c.weight_decay,
+        nesterov=c.momentum > 0,
+    )
+
+
+# name -> builder; the config's choices of optimizer come from here
+OPTIMIZERS: dict[str, Callable[..., torch.optim.Optimizer]] = {
+    "adamw": _adamw,
+    "adam": _adam,
+    "sgd": _sgd,
+}
 
 
 def metric_mode(metric: str) -> str:
@@ -57,16 +97,8 @@ def validate_metric(metric: str) -> str:
 
 
 def classification_metrics() -> MetricCollection:
-    """Per-stage metrics; the defective class is the positive one."""
-    return MetricCollection(
-        {
-            "acc": BinaryAccuracy(),
-            "f1": BinaryF1Score(),
-            "auroc": BinaryAUROC(),
-            "defect_recall": BinaryRecall(),
-            "precision": BinaryPrecision(),
-        }
-    )
+    """One stage's metrics (see :data:`STAGE_METRICS`)."""
+    return MetricCollection({name: metric() for name, metric in STAGE_METRICS.items()})
 
 
 class InspectionModule(pl.LightningModule):
@@ -136,21 +168,7 @@ class InspectionModule(pl.LightningModule):
 
     def configure_optimizers(self):
         c = self.config
-        params = self.net.parameters()
-        if c.optimizer == "adamw":
-            optimizer = torch.optim.AdamW(params, lr=c.learning_rate, weight_decay=c.weight_decay)
-        elif c.optimizer == "adam":
-            optimizer = torch.optim.Adam(params, lr=c.learning_rate, weight_decay=c.weight_decay)
-        elif c.optimizer == "sgd":
-            optimizer = torch.optim.SGD(
-                params,
-                lr=c.learning_rate,
-                momentum=c.momentum,
-                weight_decay=c.weight_decay,
-                nesterov=c.momentum > 0,
-            )
-        else:
-            raise ValueError(f"unknown optimizer '{c.optimizer}': choose one of {OPTIMIZERS}")
+        optimizer = OPTIMIZERS[c.optimizer](self.net.parameters(), c)
         schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(c.epochs, 1))
         return {"optimizer": optimizer, "lr_scheduler": schedule}
 

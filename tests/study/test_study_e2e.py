@@ -9,8 +9,8 @@ import mlflow
 import optuna
 import pytest
 
-from qi.study_setup import open_storage
-from tests.test_mlproject import mlflow_run
+from qi.study.setup import open_storage
+from tests.cli.test_mlproject_run import mlflow_run
 
 TINY_SPACE = {
     "batch_sizes": [16],

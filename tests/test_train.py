@@ -9,8 +9,8 @@ import pytest
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
+from qi.fit import WarmEarlyStopping, metric_mode, validate_metric
 from qi.train import train
-from qi.training import WarmEarlyStopping, metric_mode, validate_metric
 
 
 def test_metric_names():
@@ -52,7 +52,7 @@ def test_one_epoch_run_is_fully_tracked(tiny_config):
     assert predictions["defect_probability"].between(0, 1).all()
     assert set(predictions["label"]) <= {"ok", "defective"}
     # the served model scores exactly as the trained network does
-    from qi.serving import defect_probabilities
+    from qi.inference import defect_probabilities
 
     expected = defect_probabilities(outcome.result.net, outcome.data.split("test")[0][:3])
     assert predictions["defect_probability"].to_numpy() == pytest.approx(expected, abs=1e-5)

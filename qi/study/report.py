@@ -11,10 +11,12 @@ import matplotlib
 
 matplotlib.use("Agg")  # no display on servers and CI
 import matplotlib.pyplot as plt  # noqa: E402
-import mlflow  # noqa: E402
 import optuna  # noqa: E402
 import pandas as pd  # noqa: E402
 from optuna.visualization import matplotlib as optuna_plots  # noqa: E402
+
+from qi.tags import Artifact  # noqa: E402
+from qi.tracking import log_artifact_folder  # noqa: E402
 
 log = logging.getLogger(__name__)
 
@@ -66,17 +68,10 @@ def _save_plot(name: str, study: optuna.Study, folder: Path) -> Path | None:
 
 def log_study_report(study: optuna.Study, run_id: str) -> list[str]:
     """Trial table (CSV) and plots under ``study/`` of ``run_id``; returns the artifact paths."""
-    client = mlflow.MlflowClient()
-    logged = []
     with tempfile.TemporaryDirectory(prefix="qi-study-") as tmp:
         folder = Path(tmp)
-        table_file = folder / "trials.csv"
-        trial_table(study).to_csv(table_file, index=False)
-        client.log_artifact(run_id, str(table_file), "study")
-        logged.append("study/trials.csv")
+        trial_table(study).to_csv(folder / Path(Artifact.TRIALS_TABLE).name, index=False)
         for name in PLOTS:
-            path = _save_plot(name, study, folder)
-            if path is not None:
-                client.log_artifact(run_id, str(path), "study")
-                logged.append(f"study/{path.name}")
-    return logged
+            _save_plot(name, study, folder)
+        log_artifact_folder(run_id, folder, Artifact.STUDY_DIR)
+        return [f"{Artifact.STUDY_DIR}/{p.name}" for p in sorted(folder.iterdir())]

@@ -8,7 +8,7 @@ from pathlib import Path
 import mlflow
 import pytest
 
-PROJECT = Path(__file__).resolve().parent.parent
+PROJECT = Path(__file__).resolve().parents[2]
 
 
 def mlflow_run(entry_point: str, params: dict, tracking_uri: str, experiment: str):

@@ -16,17 +16,17 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
-import mlflow  # noqa: E402
 import numpy as np  # noqa: E402
 import seaborn as sns  # noqa: E402
 from sklearn.metrics import PrecisionRecallDisplay, RocCurveDisplay  # noqa: E402
 
 from qi.data.preprocessing import PreprocessConfig, load_and_preprocess  # noqa: E402
-from qi.evaluation import Evaluation  # noqa: E402
-from qi.serving import LABELS  # noqa: E402
-from qi.tracking import log_metrics  # noqa: E402
+from qi.evaluation.metrics import Evaluation  # noqa: E402
+from qi.inference import LABELS  # noqa: E402
+from qi.tags import Artifact  # noqa: E402
+from qi.tracking import log_artifact_folder, log_metrics  # noqa: E402
 
-ARTIFACT_DIR = "evaluation"
+ARTIFACT_DIR = Artifact.EVALUATION_DIR
 MAX_MISCLASSIFIED = 24
 
 
@@ -202,7 +202,6 @@ def summary_markdown(evaluation: Evaluation, pictures: list[str], title: str) ->
 def log_evaluation(evaluation: Evaluation, run_id: str, title: str = "Evaluation") -> list[str]:
     """Metrics and every artifact on ``run_id``; returns the artifact paths."""
     log_metrics(evaluation.flat_metrics(), run_id)
-    client = mlflow.MlflowClient()
     with tempfile.TemporaryDirectory(prefix="qi-eval-") as tmp:
         folder = Path(tmp)
         pictures = [
@@ -222,40 +221,5 @@ def log_evaluation(evaluation: Evaluation, run_id: str, title: str = "Evaluation
         (folder / "summary.md").write_text(
             summary_markdown(evaluation, [str(p) for p in pictures], title)
         )
-        client.log_artifacts(run_id, str(folder), ARTIFACT_DIR)
+        log_artifact_folder(run_id, folder, ARTIFACT_DIR)
         return [f"{ARTIFACT_DIR}/{p.name}" for p in sorted(folder.iterdir())]
-
-
-def evaluate_logged_model(model_uri: str, data_config, tracking, progress: bool = True):
-    """``qi evaluate``: a logged or registered model on a data set's test split, as a new run.
-
-    The model keeps its own threshold; the figures at 0.5 are reported beside them.
-    """
-    from dataclasses import replace
-
-    from qi.data.datamodule import prepare_data
-    from qi.evaluation import evaluation_from_scores
-    from qi.serving import defect_probabilities
-    from qi.tracking import configure_tracking, log_dataset, standard_tags, training_run
-
-    configure_tracking(tracking)
-    model = mlflow.pyfunc.load_model(model_uri).unwrap_python_model()
-    preprocess = model.spec.preprocess
-    data_config = replace(
-        data_config,
-        image_size=preprocess.image_size,
-        color_mode=preprocess.color_mode,
-        clahe=preprocess.clahe,
-    )
-    data = prepare_data(data_config, progress=progress)
-    images, labels = data.split("test")
-    scores = defect_probabilities(model.net, images)
-    evaluation = evaluation_from_scores(
-        labels, scores, data.split_frame("test"), model.spec.threshold, target_recall=float("nan")
-    )
-    tags = standard_tags(data.digest, {"qi.kind": "evaluate", "qi.model_uri": model_uri})
-    with training_run(tracking, tags=tags) as run_id:
-        mlflow.set_tags(tags)
-        log_dataset(data.frame, data.root, data.digest, name=data.root.name, run_id=run_id)
-        log_evaluation(evaluation, run_id, title=f"Evaluation of {model_uri}")
-    return run_id, evaluation

@@ -1,15 +1,13 @@
-"""Held-out evaluation: metrics, the operating threshold, per-defect-type recall.
+"""Held-out evaluation: metrics at the operating threshold and at 0.5, per-defect-type recall.
 
-In inspection a missed defect costs more than a false alarm, so the decision threshold is
-chosen on the *validation* split to reach a target defect recall, and the *test* split (never
-seen by training or tuning) reports the figures at that threshold and at 0.5. Everything here
-is computed from (labels, scores) with scikit-learn and is free of side effects; plotting and
-logging live in :mod:`qi.evaluation_report`.
+The threshold is chosen on the *validation* split (:mod:`qi.evaluation.operating_point`) and
+the *test* split, never seen by training or tuning, reports the figures. Everything here is
+computed from (labels, scores) with scikit-learn and is free of side effects; plotting and
+logging live in :mod:`qi.evaluation.report`.
 """
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -27,10 +25,12 @@ from sklearn.metrics import (
 )
 
 from qi.data.datamodule import PreparedData
+from qi.evaluation.operating_point import choose_threshold
+from qi.inference import LABELS, decide, defect_probabilities
 from qi.models import InspectionNet
-from qi.serving import LABELS, defect_probabilities
 
-DEFAULT_THRESHOLD = 0.5  # the classifier's own boundary (class-balanced loss)
+# test metrics a new model version may be compared on (keys of binary_metrics)
+PROMOTION_METRICS = ("f1", "acc", "auroc", "average_precision", "defect_recall", "macro_f1")
 
 
 def score_split(
@@ -41,54 +41,11 @@ def score_split(
     return labels, defect_probabilities(net, images)
 
 
-def choose_threshold(labels: np.ndarray, scores: np.ndarray, target_recall: float) -> float:
-    """The threshold, at most 0.5, with the fewest false alarms whose defect recall on these
-    scores is at least ``target_recall``; placed mid-gap below the last defect it must catch.
-
-    With ``n`` defective images the recall is reached by flagging the ``ceil(target * n)``
-    highest-scored of them; every threshold between that image's score and the next lower
-    score (of any image) gives the same recall and false alarms here. Two choices guard the
-    recall on new images, which a validation split of a hundred defects can hardly vouch for:
-
-    - the threshold only moves *down* from the classifier's own boundary 0.5. Raising it
-      because validation recall would survive trades real recall for fewer false alarms: in
-      our default study the raised threshold (0.91, one validation defect allowed to slip)
-      missed 5 test defects where 0.5 missed 2;
-    - within the gap it sits at the midpoint in logit space, not at the top edge, so a test
-      defect scored a hair below the validation one is still caught.
-
-    Without defective images the default 0.5 stands.
-    """
-    if not 0 < target_recall <= 1:
-        raise ValueError(f"target recall must be in (0, 1], got {target_recall}")
-    scores, labels = np.asarray(scores, dtype=float), np.asarray(labels)
-    positives = np.sort(scores[labels == 1])[::-1]
-    if positives.size == 0:
-        return DEFAULT_THRESHOLD
-    needed = math.ceil(target_recall * positives.size - 1e-9)
-    lowest_caught = float(positives[needed - 1])
-    if lowest_caught >= DEFAULT_THRESHOLD:
-        return DEFAULT_THRESHOLD
-    below = scores[scores < lowest_caught]
-    if below.size == 0:
-        return lowest_caught
-    return float(_sigmoid((_logit(lowest_caught) + _logit(float(below.max()))) / 2))
-
-
-def _logit(p: float, eps: float = 1e-7) -> float:
-    p = min(max(p, eps), 1 - eps)
-    return math.log(p / (1 - p))
-
-
-def _sigmoid(x: float) -> float:
-    return 1 / (1 + math.exp(-x))
-
-
 def binary_metrics(labels: np.ndarray, scores: np.ndarray, threshold: float = 0.5) -> dict:
     """Accuracy, precision, defect recall, F1 (defective class and macro) at ``threshold``;
     ROC AUC, average precision and log loss over the scores (threshold-free: they still rank
     models whose accuracy ties on a few hundred images)."""
-    predicted = (scores >= threshold).astype(int)
+    predicted = decide(scores, threshold)
     both_classes = len(np.unique(labels)) == 2
     return {
         "acc": accuracy_score(labels, predicted),
@@ -109,7 +66,7 @@ def recall_by_defect_type(
     frame: pd.DataFrame, scores: np.ndarray, threshold: float
 ) -> pd.DataFrame:
     """Per defect type: images, caught, recall. Shows which kinds of defects slip through."""
-    table = frame.assign(caught=scores >= threshold)
+    table = frame.assign(caught=decide(scores, threshold).astype(bool))
     table = table[table["label"] == 1]
     grouped = table.groupby("defect_type")["caught"].agg(images="size", caught="sum")
     grouped["recall"] = grouped["caught"] / grouped["images"]
@@ -133,7 +90,7 @@ class Evaluation:
 
     @property
     def predicted(self) -> np.ndarray:
-        return (self.scores >= self.threshold).astype(int)
+        return decide(self.scores, self.threshold)
 
     def confusion(self, normalize: str | None = None) -> np.ndarray:
         return confusion_matrix(self.labels, self.predicted, labels=[0, 1], normalize=normalize)
@@ -167,7 +124,7 @@ def evaluation_from_scores(
     threshold: float,
     target_recall: float,
 ) -> Evaluation:
-    predicted = (scores >= threshold).astype(int)
+    predicted = decide(scores, threshold)
     report = classification_report(
         labels,
         predicted,

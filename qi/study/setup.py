@@ -1,4 +1,4 @@
-"""Pure pieces of a study: storage, sampler, pruner, the search space and its mapping to configs.
+"""Setting a study up: storage, sampler, pruner, the search space and its mapping to configs.
 
 Optuna parameter names are the config's own dotted names (``train.learning_rate``,
 ``model.width``...), so a trial's params, its MLflow params and the best configuration all read
@@ -18,10 +18,7 @@ from optuna.storages import JournalStorage, RDBStorage
 from optuna.storages.journal import JournalFileBackend
 
 from qi.config import RunConfig, SearchSpace, TuneConfig
-from qi.models import model_names
 
-SAMPLERS = ("tpe", "random")
-PRUNERS = ("median", "hyperband", "successive_halving", "none")
 JOURNAL_FILE = "optuna-studies.journal"
 
 
@@ -54,30 +51,56 @@ def open_storage(storage: str | None, tracking_uri: str) -> optuna.storages.Base
     return JournalStorage(JournalFileBackend(str(path)))
 
 
-def build_sampler(name: str, seed: int) -> optuna.samplers.BaseSampler:
-    if name == "tpe":
-        # few startup trials: default budgets are tens of trials, not hundreds
-        return optuna.samplers.TPESampler(seed=seed, n_startup_trials=5, multivariate=True)
-    if name == "random":
-        return optuna.samplers.RandomSampler(seed=seed)
-    raise ValueError(f"unknown sampler '{name}': choose one of {', '.join(SAMPLERS)}")
+def _tpe(seed: int, epochs: int) -> optuna.samplers.BaseSampler:
+    # few startup trials: default budgets are tens of trials, not hundreds
+    return optuna.samplers.TPESampler(seed=seed, n_startup_trials=5, multivariate=True)
+
+
+def _random(seed: int, epochs: int) -> optuna.samplers.BaseSampler:
+    return optuna.samplers.RandomSampler(seed=seed)
+
+
+# name -> builder(seed, epochs per trial); the config's choices of sampler come from here
+SAMPLERS = {"tpe": _tpe, "random": _random}
+
+
+def _median(epochs: int) -> optuna.pruners.BasePruner:
+    # early validation F1 swings widely: judge a trial only in its second half
+    return optuna.pruners.MedianPruner(n_startup_trials=3, n_warmup_steps=epochs // 2)
+
+
+def _hyperband(epochs: int) -> optuna.pruners.BasePruner:
+    return optuna.pruners.HyperbandPruner(min_resource=1, max_resource=epochs)
+
+
+def _successive_halving(epochs: int) -> optuna.pruners.BasePruner:
+    return optuna.pruners.SuccessiveHalvingPruner(min_resource=1)
+
+
+def _no_pruning(epochs: int) -> optuna.pruners.BasePruner:
+    return optuna.pruners.NopPruner()
+
+
+# name -> builder(epochs per trial); the config's choices of pruner come from here
+PRUNERS = {
+    "median": _median,
+    "hyperband": _hyperband,
+    "successive_halving": _successive_halving,
+    "none": _no_pruning,
+}
+
+
+def build_sampler(name: str, seed: int, epochs: int = 0) -> optuna.samplers.BaseSampler:
+    return SAMPLERS[name](seed, epochs)
 
 
 def build_pruner(name: str, epochs: int) -> optuna.pruners.BasePruner:
-    if name == "median":
-        # early validation F1 swings widely: judge a trial only in its second half
-        return optuna.pruners.MedianPruner(n_startup_trials=3, n_warmup_steps=epochs // 2)
-    if name == "hyperband":
-        return optuna.pruners.HyperbandPruner(min_resource=1, max_resource=epochs)
-    if name == "successive_halving":
-        return optuna.pruners.SuccessiveHalvingPruner(min_resource=1)
-    if name == "none":
-        return optuna.pruners.NopPruner()
-    raise ValueError(f"unknown pruner '{name}': choose one of {', '.join(PRUNERS)}")
+    return PRUNERS[name](epochs)
 
 
-def load_search_space(path: Path | None, base: SearchSpace = SearchSpace()) -> SearchSpace:
+def load_search_space(path: Path | None, base: SearchSpace | None = None) -> SearchSpace:
     """Defaults overridden by a JSON file with any of :class:`SearchSpace`'s fields."""
+    base = base if base is not None else SearchSpace()
     if path is None:
         return base
     try:
@@ -90,35 +113,23 @@ def load_search_space(path: Path | None, base: SearchSpace = SearchSpace()) -> S
         raise ValueError(
             f"search space file {path}: unknown keys {sorted(unknown)}; known: {sorted(known)}"
         )
-    space = replace(base, **{k: tuple(v) for k, v in raw.items()})
-    check_search_space(space)
-    return space
+    try:  # SearchSpace checks its own values (choices, ranges)
+        return replace(base, **{k: tuple(v) for k, v in raw.items()})
+    except ValueError as exc:
+        raise ValueError(f"search space file {path}: {exc}") from exc
 
 
-def parse_enqueue(text: str | None) -> tuple[dict, ...]:
-    """Trials to run first: a JSON object or list of objects, inline or in a file."""
-    if not text:
-        return ()
-    source = Path(text)
-    try:
-        raw = json.loads(source.read_text() if source.is_file() else text)
-    except (OSError, json.JSONDecodeError) as exc:
-        raise ValueError(f"--enqueue needs JSON (inline or a file): {exc}") from exc
-    trials = [raw] if isinstance(raw, dict) else raw
-    if not isinstance(trials, list) or not all(isinstance(t, dict) for t in trials):
-        raise ValueError("--enqueue needs a JSON object or a list of objects")
-    return tuple(trials)
-
-
-def check_search_space(space: SearchSpace) -> None:
-    bad = [m for m in space.models if m not in model_names()]
-    if bad:
-        raise ValueError(f"unknown model(s) {bad} in the search space: choose from {model_names()}")
-    ranges = ("learning_rate", "sgd_learning_rate", "weight_decay", "dropout", "depth")
-    for name in (*ranges, "augment_strength"):
-        low, high = getattr(space, name)
-        if low > high:
-            raise ValueError(f"search space {name}: low {low} is above high {high}")
+def resolve_study(base: RunConfig, tune: TuneConfig) -> tuple[RunConfig, TuneConfig]:
+    """The configs a study runs with: the space from ``tune.search_space`` (a JSON file) over
+    ``tune.space``, then ``tune.models`` and ``tune.image_size`` over that; a fixed image size
+    is also the base configuration's. Raises ValueError on a bad file or value."""
+    space = load_search_space(tune.search_space, tune.space)
+    if tune.models:
+        space = replace(space, models=tune.models)
+    if tune.image_size:
+        space = replace(space, image_sizes=(tune.image_size,))
+        base = replace(base, data=replace(base.data, image_size=tune.image_size))
+    return base, replace(tune, space=space)
 
 
 def suggest_params(trial: optuna.Trial, space: SearchSpace) -> dict:

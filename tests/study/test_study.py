@@ -9,16 +9,16 @@ import pytest
 from optuna.trial import FixedTrial, TrialState
 
 from qi.config import RunConfig, SearchSpace, TuneConfig
-from qi.study_setup import (
+from qi.options import json_objects
+from qi.study import best_trial, tune
+from qi.study.setup import (
     apply_params,
     default_params,
     default_storage_path,
     learning_rate_range,
     load_search_space,
-    parse_enqueue,
     suggest_params,
 )
-from qi.tuning import best_trial, tune
 
 TINY_SPACE = SearchSpace(batch_sizes=(16,), depth=(2, 3), widths=(4, 8), image_sizes=(32,))
 
@@ -89,9 +89,9 @@ def test_search_space_file_and_enqueue_parsing(tmp_path):
     path.write_text(json.dumps({"models": ["vgg"]}))
     with pytest.raises(ValueError, match="unknown model"):
         load_search_space(path)
-    assert parse_enqueue('{"model.width": 8}') == ({"model.width": 8},)
+    assert json_objects('{"model.width": 8}') == ({"model.width": 8},)
     with pytest.raises(ValueError, match="JSON"):
-        parse_enqueue("{not json")
+        json_objects("{not json")
 
 
 def test_default_storage_sits_next_to_the_tracking_db(tmp_path):
@@ -233,3 +233,18 @@ def test_a_trial_cut_by_the_deadline_is_pruned_once_the_study_has_a_model(tiny_c
     assert run.data.tags["qi.pruned_by"] == "deadline"
     assert 0 < run.data.metrics["epochs_run"] < 400
     assert second.best_trial.number == 0
+
+
+def test_same_seed_same_trial_params(tiny_config):
+    space = replace(
+        TuneConfig().space, image_sizes=(32,), batch_sizes=(16,), widths=(4,), depth=(2, 2)
+    )
+    studies = []
+    for name in ("first", "second"):
+        config = TuneConfig(
+            study_name=name, n_trials=3, epochs=1, timeout=None, space=space, seed=7, pruner="none"
+        )
+        studies.append(
+            tune(tiny_config, replace(config, start_with_defaults=False), progress=False).study
+        )
+    assert [t.params for t in studies[0].trials] == [t.params for t in studies[1].trials]

@@ -3,7 +3,7 @@ import pandas as pd
 import pytest
 
 from qi.evaluation import binary_metrics, choose_threshold, evaluation_from_scores
-from qi.evaluation_report import plot_confusion, plot_curves, plot_defect_recall, summary_markdown
+from qi.evaluation.report import plot_confusion, plot_curves, plot_defect_recall, summary_markdown
 
 
 def _logit_midpoint(a, b):

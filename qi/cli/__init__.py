@@ -1,0 +1,287 @@
+"""The ``qi`` command line: thin click commands over the library API.
+
+Every option comes from a declaration in :mod:`qi.config` (see
+:mod:`qi.cli.config_options`); a command here only says which configs it builds and what it
+prints. Every option can also come from an environment variable ``QI_<COMMAND>_<OPTION>``
+(e.g. ``QI_TRAIN_EPOCHS=5``). User-fixable problems end as one line on stderr and exit code 2
+or 1, never a traceback.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import sys
+import warnings
+from functools import wraps
+from pathlib import Path
+
+import click
+from mlflow.exceptions import MlflowException
+
+import qi
+from qi.cli.config_options import config_options
+from qi.config import (
+    EvaluateConfig,
+    PredictConfig,
+    PromoteConfig,
+    RunConfig,
+    SynthConfig,
+    TuneConfig,
+)
+
+log = logging.getLogger("qi")
+
+progress_option = click.option("--progress/--no-progress", default=True, help="Progress bars.")
+
+# which declared fields each command offers (dotted paths under the names of its configs)
+TRAIN_OPTIONS = dict(
+    run=RunConfig,
+    exclude=("run.synth.*", "run.evaluation.promotion_metric", "run.evaluation.register",
+             "run.evaluation.force_promote"),
+)  # fmt: skip
+TUNE_OPTIONS = dict(
+    tune=TuneConfig,
+    run=RunConfig,
+    include=("run.data.*", "tune.*", "run.model.pretrained", "run.train.precision",
+             "run.train.seed", "run.tracking.*", "run.evaluation.*"),
+    exclude=("tune.space.*", "run.data.image_size"),
+)  # fmt: skip
+
+
+def user_errors(func):
+    """Turn the library's user-fixable errors into one-line click errors; make SIGTERM
+    (``docker stop``, a scheduler) stop a command the way Ctrl-C does."""
+
+    @wraps(func)
+    def wrapper(*args, **kwargs):
+        from qi.data.discovery import DataLayoutError
+        from qi.data.preprocessing import ImageDecodeError
+        from qi.models.backbones import WeightsNotFoundError
+        from qi.tracking import TrackingError
+
+        previous = signal.signal(signal.SIGTERM, _interrupt)
+        try:
+            return func(*args, **kwargs)
+        except (DataLayoutError, ImageDecodeError, WeightsNotFoundError, TrackingError) as exc:
+            raise click.ClickException(str(exc)) from exc
+        except KeyboardInterrupt:
+            click.echo(
+                "interrupted: finished trials and runs are kept; run the same command "
+                "again to resume",
+                err=True,
+            )
+            sys.exit(130)
+        finally:
+            signal.signal(signal.SIGTERM, previous)
+
+    return wrapper
+
+
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
+def quiet_artifact_uploads(progress: bool) -> None:
+    if not progress:
+        os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(qi.__version__, prog_name="qi")
+@click.option("-v", "--verbose", count=True, help="More log output (-vv for debug).")
+def cli(verbose: int) -> None:
+    """qi: tuned, tracked, registered classifiers for visual quality inspection."""
+    logging.basicConfig(
+        level=logging.DEBUG if verbose > 1 else logging.WARNING,
+        format="%(levelname)s %(name)s: %(message)s",
+    )
+    logging.getLogger("qi").setLevel(logging.DEBUG if verbose else logging.INFO)
+    # Lightning adds its own handler; one copy of each message is enough
+    logging.getLogger("lightning.pytorch").propagate = False
+    warnings.filterwarnings("ignore", ".*LeafSpec.*")  # Lightning internals on torch 2.14
+
+
+@cli.group()
+def data() -> None:
+    """Data sets: generate the embedded casting set."""
+
+
+@data.command("synth")
+@click.argument("out", type=click.Path(path_type=Path))
+@config_options(synth=SynthConfig)
+def data_synth(out: Path, synth: SynthConfig) -> None:
+    """Write the synthetic casting data set (Kaggle casting layout) to OUT."""
+    from qi.data import synth as synthetic
+
+    if out.exists() and any(out.iterdir()):
+        raise click.ClickException(f"{out} is not empty: choose a new folder")
+    synthetic.generate(out, synth)
+    click.echo(f"wrote {synth.n_train + synth.n_test} images to {out}")
+
+
+@cli.command()
+@config_options(**TRAIN_OPTIONS)
+@progress_option
+@user_errors
+def train(run: RunConfig, progress: bool) -> None:
+    """Train one model and log it as an MLflow run."""
+    from qi.train import train as run_train
+
+    quiet_artifact_uploads(progress)
+    outcome = run_train(run, progress=progress)
+    click.echo(
+        f"run {outcome.run_id}: {outcome.result.epochs_run} epochs, {outcome.result.seconds:.0f} s"
+    )
+    if outcome.evaluation is not None:
+        click.echo(describe_evaluation(outcome.evaluation))
+    if outcome.model_uri:
+        click.echo(f"model: {outcome.model_uri}")
+
+
+@cli.command()
+@config_options(**TUNE_OPTIONS)
+@progress_option
+@user_errors
+def tune(tune: TuneConfig, run: RunConfig, progress: bool) -> None:
+    """Run an Optuna study; every trial is a nested MLflow run."""
+    from qi.study import tune as run_tune
+    from qi.study.setup import resolve_study
+
+    quiet_artifact_uploads(progress)
+    try:
+        resolve_study(run, tune)  # a bad search-space file is a usage error, before any work
+    except ValueError as exc:
+        raise click.UsageError(str(exc)) from exc
+    outcome = run_tune(run, tune, progress=progress)
+    study = outcome.study
+    click.echo(
+        f"study {study.study_name}: {len(study.trials)} trials, parent run {outcome.parent_run_id}"
+    )
+    if outcome.best_trial is not None:
+        click.echo(
+            f"best trial {outcome.best_trial.number}: {tune.metric} {outcome.best_trial.value:.4f}"
+        )
+        click.echo(describe_evaluation(outcome.evaluation))
+        click.echo(f"model: {outcome.model_uri}")
+    if outcome.decision is not None:
+        d = outcome.decision
+        click.echo(f"registered {tune.model_name} version {d.version} as {d.alias}: {d.reason}")
+
+
+def describe_evaluation(evaluation) -> str:
+    m, h = evaluation.metrics, evaluation.metrics_at_half
+    return (
+        f"test at threshold {evaluation.threshold:.3f}: accuracy {m['acc']:.4f}, "
+        f"F1 {m['f1']:.4f}, defect recall {m['defect_recall']:.4f}, ROC AUC {m['auroc']:.4f}"
+        f", log loss {m['log_loss']:.4f} (at 0.5: accuracy {h['acc']:.4f}, F1 {h['f1']:.4f}, "
+        f"defect recall {h['defect_recall']:.4f})"
+    )
+
+
+@cli.command()
+@config_options(
+    evaluate=EvaluateConfig,
+    run=RunConfig,
+    include=("evaluate.*", "run.data.data_dir", "run.data.ok_class", "run.data.seed",
+             "run.tracking.experiment", "run.tracking.tracking_uri"),
+)  # fmt: skip
+@progress_option
+@user_errors
+def evaluate(evaluate: EvaluateConfig, run: RunConfig, progress: bool) -> None:
+    """Evaluate a logged model on a data set's test split and log the report as a run.
+
+    Use the training run's --seed to evaluate on its own test split.
+    """
+    from qi.evaluation.run import evaluate_logged_model
+
+    try:
+        run_id, evaluation = evaluate_logged_model(
+            evaluate.model_uri, run.data, run.tracking, progress
+        )
+    except MlflowException as exc:
+        raise click.ClickException(
+            f"cannot load {evaluate.model_uri}: {str(exc).splitlines()[0]}"
+        ) from exc
+    click.echo(f"run {run_id}: {describe_evaluation(evaluation)}")
+
+
+@cli.command()
+@config_options(
+    promote=PromoteConfig,
+    run=RunConfig,
+    include=("promote.*", "run.evaluation.promotion_metric", "run.evaluation.force_promote",
+             "run.tracking.tracking_uri"),
+    aliases={"run.evaluation.promotion_metric": ("--metric",),
+             "run.evaluation.force_promote": ("--force",)},
+)  # fmt: skip
+@user_errors
+def promote(promote: PromoteConfig, run: RunConfig) -> None:
+    """Compare a version with the champion and move the champion/challenger aliases."""
+    from qi.registry import promote_by_hand
+    from qi.tracking import configure_tracking
+
+    configure_tracking(run.tracking)
+    try:
+        decision = promote_by_hand(
+            promote.model_name,
+            version=promote.version,
+            run_id=promote.run_id,
+            data_dir=promote.data_dir,
+            metric=run.evaluation.promotion_metric,
+            force=run.evaluation.force_promote,
+        )
+    except (ValueError, MlflowException) as exc:
+        raise click.ClickException(str(exc).splitlines()[0]) from exc
+    click.echo(
+        f"{promote.model_name} version {decision.version} is {decision.alias}: {decision.reason}"
+    )
+
+
+@cli.command()
+@click.argument("inputs", nargs=-1, required=True, type=click.Path(path_type=Path))
+@config_options(
+    predict=PredictConfig, run=RunConfig, include=("predict.*", "run.tracking.tracking_uri")
+)
+@progress_option
+@user_errors
+def predict(inputs: tuple[Path, ...], predict: PredictConfig, run: RunConfig, progress) -> None:
+    """Score image files and folders (INPUTS) in batches; write file, label, probability."""
+    from qi.data.discovery import IMAGE_EXTENSIONS
+    from qi.predict import list_images, predict_files
+    from qi.tracking import configure_tracking
+
+    configure_tracking(run.tracking)
+    try:
+        files = list_images(list(inputs))
+    except FileNotFoundError as exc:
+        raise click.BadParameter(str(exc), param_hint="INPUTS") from exc
+    if not files:
+        raise click.ClickException(f"no images ({', '.join(sorted(IMAGE_EXTENSIONS))}) found")
+    try:
+        scored = predict_files(
+            predict.model_uri, files, batch_size=predict.batch_size, progress=progress
+        )
+    except MlflowException as exc:
+        raise click.ClickException(
+            f"cannot load {predict.model_uri}: {str(exc).splitlines()[0]}"
+        ) from exc
+    output = predict.output
+    output.parent.mkdir(parents=True, exist_ok=True)
+    table = scored.table
+    table.to_csv(output, index=False)
+    failed = int(table["error"].ne("").sum())
+    defective = int(table["label"].eq("defective").sum())
+    click.echo(
+        f"{len(table)} images -> {output}: {defective} defective, "
+        f"{len(table) - defective - failed} ok, {failed} unreadable; "
+        f"{scored.images_per_second:.1f} images/s ({scored.seconds:.1f} s)"
+    )
+
+
+def main() -> None:
+    cli(auto_envvar_prefix="QI")
+
+
+__all__ = ["cli", "main"]

@@ -1,0 +1,132 @@
+"""Decode -> preprocess -> score -> decide: what every consumer of a trained model runs.
+
+The evaluation, ``qi predict``, the registry's champion comparison and the served pyfunc all
+call these functions, so a model scores and decides the same way everywhere. The decision rule
+itself is :func:`decide`: an image is defective when its defect probability reaches the
+threshold.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import cv2
+import numpy as np
+import torch
+
+import qi
+from qi.config import ModelConfig, from_dict
+from qi.data.preprocessing import ImageDecodeError, PreprocessConfig, decode_image, preprocess
+from qi.models import InspectionNet, build_model
+
+LABELS = ("ok", "defective")  # index = decision (0 ok, 1 defective)
+
+
+def decide(probabilities: np.ndarray, threshold: float) -> np.ndarray:
+    """1 (defective) where the defect probability reaches the threshold, else 0 (ok)."""
+    return (np.asarray(probabilities) >= threshold).astype(int)
+
+
+def label_names(decisions: np.ndarray) -> np.ndarray:
+    return np.asarray(LABELS, dtype=object)[np.asarray(decisions, dtype=int)]
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """Everything besides the weights that a trained model needs to score an image."""
+
+    model: ModelConfig
+    preprocess: PreprocessConfig
+    threshold: float = 0.5
+    qi_version: str = qi.__version__
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=2)
+
+    @classmethod
+    def from_json(cls, text: str) -> ModelSpec:
+        raw = json.loads(text)
+        return cls(
+            model=from_dict(ModelConfig, raw["model"]),
+            preprocess=from_dict(PreprocessConfig, raw["preprocess"]),
+            threshold=float(raw["threshold"]),
+            qi_version=raw.get("qi_version", "?"),
+        )
+
+
+def load_network(spec: ModelSpec, weights_file: Path) -> InspectionNet:
+    """The network of ``spec`` with its trained weights (nothing is unpickled)."""
+    net = build_model(
+        ModelConfig(**{**asdict(spec.model), "pretrained": None}), spec.preprocess.channels
+    )
+    state = torch.load(weights_file, map_location="cpu", weights_only=True)
+    net.load_state_dict(state)
+    return net.eval().to(memory_format=torch.channels_last)
+
+
+@torch.inference_mode()
+def defect_probabilities(net: InspectionNet, batch: np.ndarray, batch_size: int = 64) -> np.ndarray:
+    """Defect probability per image of a preprocessed uint8 (N, H, W, C) batch."""
+    device = next(net.parameters()).device
+    scores = []
+    for start in range(0, len(batch), batch_size):
+        chunk = torch.from_numpy(batch[start : start + batch_size]).permute(0, 3, 1, 2)
+        chunk = chunk.to(device).contiguous(memory_format=torch.channels_last)
+        scores.append(torch.sigmoid(net(chunk).float()).cpu().numpy())
+    return np.concatenate(scores) if scores else np.zeros(0, np.float32)
+
+
+def prepare_batch(items: list, config: PreprocessConfig) -> np.ndarray:
+    """Preprocess every item; an error names the row so one bad image shifts nothing.
+
+    Items are encoded image bytes (or their base64 text) or uint8/uint16 arrays in RGB order.
+    """
+    out = np.empty((len(items), config.image_size, config.image_size, config.channels), np.uint8)
+    for row, item in enumerate(items):
+        try:
+            out[row] = preprocess_item(item, config)
+        except (ImageDecodeError, ValueError, cv2.error) as exc:  # binascii.Error is one too
+            raise ValueError(f"row {row}: {exc}") from exc
+    return out
+
+
+def preprocess_item(item: Any, config: PreprocessConfig) -> np.ndarray:
+    if isinstance(item, (bytes, bytearray, memoryview)):
+        return preprocess(decode_image(item), config, bgr=True)
+    if isinstance(item, str):  # base64 that MLflow did not decode
+        return preprocess(decode_image(base64.b64decode(item, validate=True)), config, bgr=True)
+    if isinstance(item, np.ndarray):
+        return preprocess(checked_array(item), config, bgr=False)
+    raise ValueError(f"expected encoded image bytes or a uint8 array, got {type(item).__name__}")
+
+
+def checked_array(image: np.ndarray) -> np.ndarray:
+    """Arrays must say unambiguously what their pixels are: 8 or 16 bit integers."""
+    if image.dtype not in (np.uint8, np.uint16):
+        raise ValueError(
+            f"{image.dtype} array: send uint8 (or uint16) pixels; scale floats "
+            "to 0..255 and convert with .astype(np.uint8)"
+        )
+    if image.ndim not in (2, 3) or (image.ndim == 3 and image.shape[2] not in (1, 3, 4)):
+        raise ValueError(
+            f"image array of shape {image.shape}: expected (H, W) or (H, W, C) "
+            "with 1, 3 or 4 channels"
+        )
+    return image
+
+
+__all__ = [
+    "LABELS",
+    "ModelSpec",
+    "checked_array",
+    "decide",
+    "defect_probabilities",
+    "label_names",
+    "load_network",
+    "prepare_batch",
+    "preprocess_item",
+]

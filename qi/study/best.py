@@ -1,0 +1,171 @@
+"""The best trial of a study, and what becomes of it: evaluated, logged, registered.
+
+The best model is *kept from its trial*, not retrained on train+val: the trial's early
+stopping chose its epoch on the validation split, and a retrain would have no such signal (and
+would cost another full fit). Its weights travel as an artifact of its child run, so the best
+trial may come from any worker or an earlier session.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass, replace
+
+import mlflow
+import optuna
+from optuna.trial import TrialState
+
+from qi.config import RunConfig, TuneConfig
+from qi.data.datamodule import PreparedData
+from qi.evaluation import Evaluation, evaluate
+from qi.evaluation.report import log_evaluation
+from qi.registry import PromotionDecision, promote, register, registry_lock, version_of_trial_run
+from qi.serving import log_inspection_model
+from qi.study.trials import DataByImageSize, load_trial_network
+from qi.tags import Tag, TrialAttr
+from qi.tracking import log_metrics
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class TuneOutcome:
+    parent_run_id: str
+    study: optuna.Study | None
+    best_trial: optuna.trial.FrozenTrial | None
+    evaluation: Evaluation | None
+    model_uri: str | None
+    registered_version: str | None = None
+    decision: PromotionDecision | None = None
+
+
+def best_trial(study: optuna.Study) -> optuna.trial.FrozenTrial | None:
+    """The best complete trial; ties on the objective go to the lower validation loss.
+
+    F1 or accuracy on a few hundred validation images moves in steps of ~0.005 and reaches
+    1.0 once a model separates them, so several trials often tie; Optuna would keep the
+    first. The loss still ranks them by how far they keep the two classes apart.
+    """
+    complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+    if not complete:
+        return None
+    return min(complete, key=lambda t: trial_rank(t, study.direction))
+
+
+def trial_rank(trial: optuna.trial.FrozenTrial, direction: optuna.study.StudyDirection) -> tuple:
+    """Sort key of complete trials, best first: objective, then validation loss, then age."""
+    loss = trial.user_attrs.get(TrialAttr.VAL_LOSS)
+    loss = math.inf if loss is None or math.isnan(loss) else loss
+    objective = -trial.value if direction == optuna.study.StudyDirection.MAXIMIZE else trial.value
+    return (objective, loss, trial.number)
+
+
+def finish_best(
+    best: optuna.trial.FrozenTrial,
+    data: DataByImageSize,
+    base: RunConfig,
+    config: TuneConfig,
+    parent_run_id: str,
+) -> TuneOutcome:
+    """Best value and params on the parent; the best model evaluated, logged, registered."""
+    mlflow.log_params({f"best.{k}": v for k, v in best.params.items()})
+    mlflow.set_tags(
+        {
+            Tag.BEST_TRIAL: str(best.number),
+            Tag.BEST_RUN_ID: best.user_attrs.get(TrialAttr.RUN_ID, ""),
+        }
+    )
+    log_metrics({"best_value": best.value, "best_trial": best.number}, parent_run_id)
+    net, spec = load_trial_network(best)
+    prepared = data.get(spec.preprocess.image_size)
+    if best.user_attrs.get(TrialAttr.DATA_DIGEST) not in (None, prepared.digest):
+        log.warning(
+            "the best trial was trained on other data (digest %s, now %s)",
+            best.user_attrs.get(TrialAttr.DATA_DIGEST),
+            prepared.digest,
+        )
+    settings = base.evaluation
+    evaluation = evaluate(net, prepared, settings.target_recall)
+    log_evaluation(
+        evaluation, parent_run_id, title=f"Study {config.study_name}: best trial {best.number}"
+    )
+    spec = replace(spec, threshold=evaluation.threshold)
+    info = log_inspection_model(net, spec, example_image=prepared.images[0])
+    outcome = TuneOutcome(parent_run_id, None, best, evaluation, info.model_uri)
+    if settings.register:
+        # one lock per model name: workers finishing together register the best trial once
+        with registry_lock(config.model_name):
+            register_best(outcome, prepared, config, base)
+    log.info(
+        "best trial %d: %s=%.4f, test accuracy %.4f at threshold %.3f",
+        best.number,
+        config.metric,
+        best.value,
+        evaluation.metrics["acc"],
+        evaluation.threshold,
+    )
+    return outcome
+
+
+def register_best(
+    outcome: TuneOutcome, prepared: PreparedData, config: TuneConfig, base: RunConfig
+) -> None:
+    """Register the best trial's model (once: a trial already registered is skipped) and
+    let the promotion rule decide between champion and challenger."""
+    best, evaluation = outcome.best_trial, outcome.evaluation
+    best_run_id = best.user_attrs.get(TrialAttr.RUN_ID, "")
+    existing = version_of_trial_run(config.model_name, best_run_id)
+    if existing is not None:
+        outcome.registered_version = str(existing.version)
+        mlflow.set_tags(
+            {
+                Tag.REGISTERED_MODEL: config.model_name,
+                Tag.REGISTERED_VERSION: outcome.registered_version,
+                Tag.PROMOTION: "skipped",
+                Tag.PROMOTION_REASON: f"trial {best.number} is already version {existing.version}",
+            }
+        )
+        return
+    version = register(
+        outcome.model_uri,
+        config.model_name,
+        description=model_description(evaluation, config, best),
+        tags={
+            Tag.STUDY_NAME: config.study_name,
+            Tag.PARENT_RUN_ID: outcome.parent_run_id,
+            Tag.BEST_TRIAL: str(best.number),
+            Tag.BEST_RUN_ID: best_run_id,
+            Tag.DATA_DIGEST: prepared.digest,
+            Tag.DATA_ROOT: str(prepared.root),
+            Tag.THRESHOLD: f"{evaluation.threshold:.6f}",
+        },
+    )
+    decision = promote(
+        config.model_name,
+        str(version.version),
+        prepared.split_frame("test"),
+        base.evaluation.promotion_metric,
+        base.evaluation.force_promote,
+    )
+    mlflow.set_tags(
+        {
+            Tag.REGISTERED_MODEL: config.model_name,
+            Tag.REGISTERED_VERSION: str(version.version),
+            Tag.PROMOTION: decision.alias,
+            Tag.PROMOTION_REASON: decision.reason,
+        }
+    )
+    outcome.registered_version, outcome.decision = str(version.version), decision
+
+
+def model_description(evaluation: Evaluation, config: TuneConfig, best) -> str:
+    m = evaluation.metrics
+    return (
+        f"Best trial {best.number} of Optuna study '{config.study_name}' ({config.metric} "
+        f"{best.value:.4f}). Test: accuracy {m['acc']:.4f}, F1 {m['f1']:.4f}, defect recall "
+        f"{m['defect_recall']:.4f}, ROC AUC {m['auroc']:.4f} at threshold "
+        f"{evaluation.threshold:.4f} (chosen on validation for defect recall >= "
+        f"{evaluation.target_recall}). Input: DataFrame column 'image' of encoded image bytes; "
+        "output: label, defect_probability, threshold."
+    )

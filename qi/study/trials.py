@@ -1,0 +1,206 @@
+"""The trial runner: one Optuna trial = one nested MLflow run of one Lightning fit.
+
+A trial's child run is created before anything can fail, so every trial is logged exactly
+once, and it always ends: FINISHED (complete), KILLED (pruned, by the pruner or the study's
+deadline, or interrupted) or FAILED, with :attr:`qi.tags.Tag.TRIAL_STATE` saying which. A
+complete trial leaves its weights and spec on its run (``trial_model/``), so the best trial
+can be picked up by any worker, later.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import tempfile
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import optuna
+import torch
+from optuna.trial import TrialState
+from optuna_integration import PyTorchLightningPruningCallback
+
+from qi.config import RunConfig, TuneConfig
+from qi.data.datamodule import PreparedData, prepare_data
+from qi.fit import fit
+from qi.inference import ModelSpec, load_network
+from qi.study.setup import apply_params, suggest_params
+from qi.tags import Artifact, Kind, Tag, TrialAttr
+from qi.tags import TrialState as RunTrialState
+from qi.tracking import (
+    download_run_artifacts,
+    end_run,
+    log_artifact_folder,
+    log_config,
+    log_metrics,
+    set_tags,
+    standard_tags,
+    start_child_run,
+)
+
+log = logging.getLogger(__name__)
+
+FINISHED_STATES = (TrialState.COMPLETE, TrialState.PRUNED)
+
+
+def worker_id() -> str:
+    """``host:pid`` of this worker: who ran a trial, and whether it still lives."""
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+class DataByImageSize:
+    """Prepared data per image size, shared by every trial of this worker."""
+
+    def __init__(self, base: RunConfig, progress: bool) -> None:
+        self.base, self.progress = base, progress
+        self._prepared: dict[int, PreparedData] = {}
+
+    def get(self, image_size: int) -> PreparedData:
+        if image_size not in self._prepared:
+            config = replace(self.base.data, image_size=image_size)
+            self._prepared[image_size] = prepare_data(config, self.base.synth, self.progress)
+        return self._prepared[image_size]
+
+
+class TrialRunner:
+    """The objective: one child run per trial, its fit, its ending state."""
+
+    def __init__(
+        self,
+        base: RunConfig,
+        tune: TuneConfig,
+        parent_run_id: str,
+        data: DataByImageSize,
+        deadline: float | None,
+        progress: bool,
+    ) -> None:
+        self.base, self.tune, self.parent_run_id = base, tune, parent_run_id
+        self.data, self.deadline, self.progress = data, deadline, progress
+
+    def __call__(self, trial: optuna.Trial) -> float:
+        # the run exists before anything can fail: every trial is logged exactly once
+        run_id = start_child_run(
+            self.parent_run_id,
+            run_name=f"{self.tune.study_name}-trial-{trial.number:03d}",
+            tags={
+                Tag.KIND: Kind.TRIAL,
+                Tag.STUDY_NAME: self.tune.study_name,
+                Tag.TRIAL_NUMBER: str(trial.number),
+                Tag.WORKER: worker_id(),
+                **standard_tags(None),
+            },
+        )
+        trial.set_user_attr(TrialAttr.RUN_ID, run_id)
+        trial.set_user_attr(TrialAttr.PARENT_RUN_ID, self.parent_run_id)
+        trial.set_user_attr(TrialAttr.WORKER, worker_id())
+        try:
+            config, data = self._configure(trial, run_id)
+            pruning = PyTorchLightningPruningCallback(trial, monitor=self.tune.metric)
+            result = fit(config, data, run_id=run_id, callbacks=[pruning], progress=self.progress)
+        except optuna.TrialPruned:
+            end_pruned(run_id, by="pruner")
+            raise
+        except BaseException as exc:  # KeyboardInterrupt too: never leave a run RUNNING
+            interrupted = isinstance(exc, KeyboardInterrupt)
+            state = RunTrialState.INTERRUPTED if interrupted else RunTrialState.FAILED
+            end_run(
+                run_id,
+                "KILLED" if interrupted else "FAILED",
+                {Tag.TRIAL_STATE: state, Tag.ERROR: f"{type(exc).__name__}: {exc}"[:5000]},
+            )
+            raise
+        value = result.val_metrics.get(self.tune.metric, float("nan"))
+        trial.set_user_attr(TrialAttr.VAL_LOSS, result.val_metrics.get("val/loss", float("nan")))
+        log_metrics(
+            {
+                "objective": value,
+                "best_epoch": result.best_epoch,
+                "epochs_run": result.epochs_run,
+                "train_seconds": result.seconds,
+            },
+            run_id,
+        )
+        if self._cut_by_deadline(result, config) and _has_complete_trial(trial.study):
+            # a fit the deadline cut short says little about its configuration: recorded as
+            # pruned, it neither misleads the sampler nor reads as a finished trial in the UI
+            end_pruned(run_id, by="deadline")
+            raise optuna.TrialPruned(
+                f"the study's deadline stopped it after {result.epochs_run} epochs"
+            )
+        save_trial_model(result.net, ModelSpec(config.model, data.preprocess), run_id)
+        end_run(run_id, "FINISHED", {Tag.TRIAL_STATE: RunTrialState.COMPLETE})
+        return value
+
+    def _cut_by_deadline(self, result, config: RunConfig) -> bool:
+        return (
+            self.deadline is not None
+            and time.monotonic() >= self.deadline
+            and result.epochs_run < config.train.epochs
+        )
+
+    def _configure(self, trial: optuna.Trial, run_id: str) -> tuple[RunConfig, PreparedData]:
+        config = apply_params(self.base, suggest_params(trial, self.tune.space))
+        remaining = None if self.deadline is None else max(self.deadline - time.monotonic(), 1)
+        # the epoch kept is chosen on the smooth val/loss, as `qi train` does; the objective
+        # is then read at that epoch, so it describes the weights the trial keeps
+        # early stopping waits for the pruner's verdict (half the epochs): slow starters live
+        train = replace(
+            config.train,
+            epochs=self.tune.epochs,
+            early_stopping_after=self.tune.epochs // 2,
+            max_seconds=remaining,
+        )
+        config = replace(config, train=train)
+        data = self.data.get(config.data.image_size)
+        trial.set_user_attr(TrialAttr.DATA_DIGEST, data.digest)
+        set_tags(run_id, {Tag.DATA_DIGEST: data.digest})
+        log_config(config, run_id)
+        return config, data
+
+
+def end_pruned(run_id: str, by: str) -> None:
+    end_run(run_id, "KILLED", {Tag.TRIAL_STATE: RunTrialState.PRUNED, Tag.PRUNED_BY: by})
+
+
+class FailureBudget:
+    """Stop this worker after ``limit`` failed trials: a broken setup must not loop forever."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit, self.failed = limit, 0
+
+    def __call__(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+        if trial.state == TrialState.FAIL:
+            self.failed += 1
+            if self.failed >= self.limit:
+                log.error(
+                    "%d trials failed; stopping the study (see the qi.error tags)", self.failed
+                )
+                study.stop()
+
+
+def _has_complete_trial(study: optuna.Study) -> bool:
+    """A study without one keeps even a cut-short trial: it still yields a model."""
+    return bool(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)))
+
+
+def finished_trials(study: optuna.Study) -> int:
+    return len(study.get_trials(deepcopy=False, states=FINISHED_STATES))
+
+
+def save_trial_model(net: torch.nn.Module, spec: ModelSpec, run_id: str) -> None:
+    """A complete trial's weights and spec, on its own run (``trial_model/``)."""
+    with tempfile.TemporaryDirectory(prefix="qi-trial-") as tmp:
+        torch.save(net.state_dict(), Path(tmp) / Artifact.TRIAL_WEIGHTS)
+        (Path(tmp) / Artifact.TRIAL_SPEC).write_text(spec.to_json())
+        log_artifact_folder(run_id, Path(tmp), Artifact.TRIAL_MODEL_DIR)
+
+
+def load_trial_network(trial: optuna.trial.FrozenTrial):
+    """A trial's network and spec, from its child run's artifacts."""
+    run_id = trial.user_attrs[TrialAttr.RUN_ID]
+    with tempfile.TemporaryDirectory(prefix="qi-best-") as tmp:
+        folder = download_run_artifacts(run_id, Artifact.TRIAL_MODEL_DIR, tmp)
+        spec = ModelSpec.from_json((folder / Artifact.TRIAL_SPEC).read_text())
+        return load_network(spec, folder / Artifact.TRIAL_WEIGHTS), spec
