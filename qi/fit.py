@@ -34,8 +34,10 @@ from torchmetrics.classification import (
 )
 
 from qi.config import RunConfig, TrainConfig
-from qi.data.datamodule import InspectionDataModule, PreparedData
+from qi.data.datamodule import FeatureDataModule, InspectionDataModule, PreparedData
+from qi.data.embeddings import embeddings
 from qi.models import InspectionNet, build_model
+from qi.models.parts import HeadOnViews
 
 log = logging.getLogger(__name__)
 
@@ -114,13 +116,33 @@ class InspectionModule(pl.LightningModule):
         )
         self.history: list[dict[str, float]] = []  # validation figures per epoch
 
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self.net(images)
+    def forward(self, inputs: torch.Tensor) -> torch.Tensor:
+        return self.net(inputs)
+
+    def parameter_groups(self) -> list[dict]:
+        """What learns: a pretrained encoder's layers at ``encoder_lr_scale`` times the
+        learning rate (they start from good weights), everything else at the full rate."""
+        encoder = getattr(self.net, "encoder", None)
+        pretrained = encoder is not None and getattr(self.net, "pretrained", False)
+        learning = [p for p in self.net.parameters() if p.requires_grad]
+        if not pretrained:
+            return [{"params": learning}]
+        in_encoder = {id(p) for p in encoder.parameters()}
+        scale = self.config.encoder_lr_scale
+        groups = [
+            {"params": [p for p in learning if id(p) not in in_encoder]},
+            {
+                "params": [p for p in learning if id(p) in in_encoder],
+                "lr": self.config.learning_rate * scale,
+            },
+        ]
+        return [g for g in groups if g["params"]]
 
     def model_step(self, batch, stage: str) -> torch.Tensor:
-        images, labels = batch
-        images = images.contiguous(memory_format=torch.channels_last)
-        logits = self(images)
+        inputs, labels = batch
+        if inputs.dim() == 4:  # images; features are (N, views, D)
+            inputs = inputs.contiguous(memory_format=torch.channels_last)
+        logits = self(inputs)
         loss = self.loss_fn(logits, labels)
         self.stage_metrics[f"{stage}_metrics"].update(
             torch.sigmoid(logits.detach().float()), labels.long()
@@ -168,7 +190,7 @@ class InspectionModule(pl.LightningModule):
 
     def configure_optimizers(self):
         c = self.config
-        optimizer = OPTIMIZERS[c.optimizer](self.net.parameters(), c)
+        optimizer = OPTIMIZERS[c.optimizer](self.parameter_groups(), c)
         schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(c.epochs, 1))
         return {"optimizer": optimizer, "lr_scheduler": schedule}
 
@@ -248,9 +270,14 @@ def fit(
     train = config.train
     monitor = validate_metric(train.monitor)
     pl.seed_everything(train.seed, workers=True, verbose=False)
-    net = build_model(config.model, data.preprocess.channels)
-    datamodule = InspectionDataModule(data, config.data)
-    module = InspectionModule(net, train, positive_weight=datamodule.positive_weight())
+    net = build_model(config.model, data.preprocess.channels, data.preprocess.image_size)
+    if net.finetune == "head":  # a frozen encoder: train the head on its cached features
+        datamodule = feature_datamodule(net, data, config, progress)
+        learner: nn.Module = HeadOnViews(net.head)
+    else:
+        datamodule, learner = InspectionDataModule(data, config.data), net
+    weight = data.positive_weight() if train.balance_classes else 1.0
+    module = InspectionModule(learner, train, positive_weight=weight)
     # channels_last: faster convolutions on CPU (oneDNN) and on GPU tensor cores alike
     module = module.to(memory_format=torch.channels_last)
     logger = None
@@ -305,7 +332,7 @@ def fit(
         n_train = min(n_train, limit * config.data.batch_size)
     elif isinstance(limit, float):
         n_train = int(n_train * limit)
-    net = module.net.to("cpu").eval()
+    net = net.to("cpu").eval()  # the head trained in place, also behind HeadOnViews
     return FitResult(
         net=net,
         best_epoch=int(best.get("epoch", 0)),
@@ -315,6 +342,18 @@ def fit(
         seconds=seconds,
         images_per_second=n_train * epochs_run / seconds if seconds > 0 else 0.0,
     )
+
+
+def feature_datamodule(net, data: PreparedData, config: RunConfig, progress: bool):
+    """Cached features of the frozen encoder: every flip/rotation of the training images
+    (honest augmentation), the model's test-time views of the validation images; the head's
+    standardisation is set from the training features."""
+    train_images, train_labels = data.split("train")
+    val_images, val_labels = data.split("val")
+    train = embeddings(net, train_images, views=8, progress=progress)
+    val = embeddings(net, val_images, views=config.model.test_time_views, progress=progress)
+    net.head[0].set_from(torch.from_numpy(train.reshape(-1, train.shape[-1])))
+    return FeatureDataModule(train, train_labels, val, val_labels, config.data)
 
 
 def fit_interruptibly(trainer: pl.Trainer, module, datamodule) -> None:

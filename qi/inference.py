@@ -61,7 +61,9 @@ class ModelSpec:
 def load_network(spec: ModelSpec, weights_file: Path) -> InspectionNet:
     """The network of ``spec`` with its trained weights (nothing is unpickled)."""
     net = build_model(
-        ModelConfig(**{**asdict(spec.model), "pretrained": None}), spec.preprocess.channels
+        ModelConfig(**{**asdict(spec.model), "pretrained": None}),
+        spec.preprocess.channels,
+        spec.preprocess.image_size,
     )
     state = torch.load(weights_file, map_location="cpu", weights_only=True)
     net.load_state_dict(state)
@@ -70,13 +72,14 @@ def load_network(spec: ModelSpec, weights_file: Path) -> InspectionNet:
 
 @torch.inference_mode()
 def defect_probabilities(net: InspectionNet, batch: np.ndarray, batch_size: int = 64) -> np.ndarray:
-    """Defect probability per image of a preprocessed uint8 (N, H, W, C) batch."""
+    """Defect probability per image of a preprocessed uint8 (N, H, W, C) batch (averaged over
+    the model's test-time views)."""
     device = next(net.parameters()).device
     scores = []
     for start in range(0, len(batch), batch_size):
         chunk = torch.from_numpy(batch[start : start + batch_size]).permute(0, 3, 1, 2)
         chunk = chunk.to(device).contiguous(memory_format=torch.channels_last)
-        scores.append(torch.sigmoid(net(chunk).float()).cpu().numpy())
+        scores.append(net.probabilities(chunk).cpu().numpy())
     return np.concatenate(scores) if scores else np.zeros(0, np.float32)
 
 

@@ -78,6 +78,9 @@ class InspectionModel(mlflow.pyfunc.PythonModel):
     """pyfunc wrapper over :mod:`qi.inference`: validate, preprocess, score, decide."""
 
     def load_context(self, context) -> None:
+        from qi.runtime import keep_freed_memory
+
+        keep_freed_memory()  # a served model owns its process: 2-3x faster CPU inference
         self.spec = ModelSpec.from_json(Path(context.artifacts[SPEC_ARTIFACT]).read_text())
         self.net = load_network(self.spec, Path(context.artifacts[WEIGHTS_ARTIFACT]))
 

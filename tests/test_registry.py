@@ -21,8 +21,13 @@ def test_decision_rule():
 
 @pytest.fixture
 def good_and_bad_models(tiny_config):
-    """A trained model, and a broken copy that calls every part ok (F1 = 0)."""
-    config = replace(tiny_config, train=replace(tiny_config.train, epochs=3))
+    """A trained model, and a broken copy that calls every part ok (F1 = 0). The 3-epoch
+    model's scores sit near 0.5; a recall target puts its threshold where it flags defects."""
+    config = replace(
+        tiny_config,
+        train=replace(tiny_config.train, epochs=3),
+        evaluation=replace(tiny_config.evaluation, target_recall=0.99),
+    )
     outcome = train(config, progress=False)
     broken = outcome.result.net
     with torch.no_grad():

@@ -58,6 +58,12 @@ class PreparedData:
     def split_frame(self, name: str) -> pd.DataFrame:
         return self.frame[self.frame["split"] == name].reset_index(drop=True)
 
+    def positive_weight(self) -> float:
+        """ok/defective ratio in train: weights the loss so both classes count alike."""
+        _, labels = self.split("train")
+        positives = max(int(labels.sum()), 1)
+        return float((len(labels) - positives) / positives)
+
     def counts(self) -> pd.DataFrame:
         """Images per split and class, for logs and run descriptions."""
         return pd.crosstab(self.frame["split"], self.frame["label"].map({0: "ok", 1: "defective"}))
@@ -139,7 +145,7 @@ class InspectionDataModule(pl.LightningDataModule):
         super().__init__()
         self.data = data
         self.config = config
-        self.augmentation = build_augmentation(config.augment_strength)
+        self.augmentation = build_augmentation(config.augment_strength, config.augmentation)
 
     def _loader(self, split: str, train: bool) -> DataLoader:
         images, labels = self.data.split(split)
@@ -166,7 +172,46 @@ class InspectionDataModule(pl.LightningDataModule):
         return self._loader("test", train=False)
 
     def positive_weight(self) -> float:
-        """ok/defective ratio in train: weights the loss so both classes count alike."""
-        _, labels = self.data.split("train")
-        positives = max(int(labels.sum()), 1)
-        return float((len(labels) - positives) / positives)
+        return self.data.positive_weight()
+
+
+class FeatureDataModule(pl.LightningDataModule):
+    """Loaders over cached encoder features: each training view is a sample of its own,
+    validation images come with all their views, ``(N, V, D)``, for the head to average.
+
+    A batch holds ``batch_size`` images' worth of views, so an epoch has as many steps as an
+    epoch over the images would.
+    """
+
+    def __init__(
+        self,
+        train: np.ndarray,  # (V, N, D)
+        train_labels: np.ndarray,
+        val: np.ndarray,  # (V', M, D)
+        val_labels: np.ndarray,
+        config: DataConfig,
+    ) -> None:
+        super().__init__()
+        views, n, dim = train.shape
+        self.train_set = torch.utils.data.TensorDataset(
+            torch.from_numpy(train.reshape(views * n, 1, dim)),
+            torch.from_numpy(np.tile(train_labels, views).astype(np.float32)),
+        )
+        self.val_set = torch.utils.data.TensorDataset(
+            torch.from_numpy(np.ascontiguousarray(val.transpose(1, 0, 2))),
+            torch.from_numpy(val_labels.astype(np.float32)),
+        )
+        self.batch_size = config.batch_size * views
+        self.seed = config.seed
+
+    def train_dataloader(self) -> DataLoader:
+        return DataLoader(
+            self.train_set,
+            batch_size=self.batch_size,
+            shuffle=True,
+            drop_last=len(self.train_set) > self.batch_size,
+            generator=torch.Generator().manual_seed(self.seed),
+        )
+
+    def val_dataloader(self) -> DataLoader:
+        return DataLoader(self.val_set, batch_size=max(self.batch_size, 256))

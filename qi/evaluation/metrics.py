@@ -25,7 +25,13 @@ from sklearn.metrics import (
 )
 
 from qi.data.datamodule import PreparedData
-from qi.evaluation.operating_point import choose_threshold
+from qi.evaluation.operating_point import (
+    choose_threshold,
+    false_alarm_warning,
+    rates,
+    tradeoff,
+    tradeoff_markdown,
+)
 from qi.inference import LABELS, decide, defect_probabilities
 from qi.models import InspectionNet
 
@@ -78,7 +84,7 @@ class Evaluation:
     """Test-split figures of one model at its operating threshold and at 0.5."""
 
     threshold: float
-    target_recall: float
+    target_recall: float | None  # None: the model's boundary 0.5 (or its own threshold)
     labels: np.ndarray
     scores: np.ndarray
     frame: pd.DataFrame  # the split's rows (image_path, label, defect_type)
@@ -87,10 +93,28 @@ class Evaluation:
     report: dict = field(default_factory=dict)  # scikit-learn classification report
     report_text: str = ""
     by_defect_type: pd.DataFrame | None = None
+    tradeoff: pd.DataFrame | None = None  # operating points on validation and test
+    val_false_alarms: float | None = None  # share of good validation parts flagged
 
     @property
     def predicted(self) -> np.ndarray:
         return decide(self.scores, self.threshold)
+
+    @property
+    def test_false_alarms(self) -> float:
+        return rates(self.labels, self.scores, self.threshold)[1]
+
+    @property
+    def warning(self) -> str | None:
+        """A line for the user when the operating point flags too many good parts."""
+        if self.val_false_alarms is not None:
+            line = false_alarm_warning(self.val_false_alarms, self.threshold, "validation")
+            if line:
+                return line
+        return false_alarm_warning(self.test_false_alarms, self.threshold, "test")
+
+    def tradeoff_markdown(self) -> str:
+        return "" if self.tradeoff is None else tradeoff_markdown(self.tradeoff)
 
     def confusion(self, normalize: str | None = None) -> np.ndarray:
         return confusion_matrix(self.labels, self.predicted, labels=[0, 1], normalize=normalize)
@@ -108,13 +132,20 @@ class Evaluation:
 
 
 def evaluate(
-    net: InspectionNet, data: PreparedData, target_recall: float, split: str = "test"
+    net: InspectionNet, data: PreparedData, target_recall: float | None, split: str = "test"
 ) -> Evaluation:
     """Choose the threshold on validation, then measure ``split`` at it and at 0.5."""
     val_labels, val_scores = score_split(net, data, "val")
     threshold = choose_threshold(val_labels, val_scores, target_recall)
     labels, scores = score_split(net, data, split)
-    return evaluation_from_scores(labels, scores, data.split_frame(split), threshold, target_recall)
+    return evaluation_from_scores(
+        labels,
+        scores,
+        data.split_frame(split),
+        threshold,
+        target_recall,
+        validation=(val_labels, val_scores),
+    )
 
 
 def evaluation_from_scores(
@@ -122,8 +153,11 @@ def evaluation_from_scores(
     scores: np.ndarray,
     frame: pd.DataFrame,
     threshold: float,
-    target_recall: float,
+    target_recall: float | None,
+    validation: tuple[np.ndarray, np.ndarray] | None = None,
 ) -> Evaluation:
+    """Figures of (labels, scores) at ``threshold`` and 0.5; with the validation split's
+    (labels, scores), also the trade-off table of operating points."""
     predicted = decide(scores, threshold)
     report = classification_report(
         labels,
@@ -152,4 +186,6 @@ def evaluation_from_scores(
         report=report,
         report_text=text,
         by_defect_type=by_type,
+        tradeoff=None if validation is None else tradeoff(*validation, labels, scores),
+        val_false_alarms=None if validation is None else rates(*validation, threshold)[1],
     )

@@ -1,8 +1,10 @@
-"""The operating point: the decision threshold a model runs at on the line.
+"""The operating point: the decision threshold a model runs at on the line, and its price.
 
-In inspection a missed defect costs more than a false alarm, so the threshold is chosen on the
-*validation* split to reach a target defect recall; the test split then reports what that
-threshold does on images nobody tuned on.
+By default a model decides at its own boundary, 0.5. A user who must catch more defects sets a
+target defect recall: the threshold is then chosen on the *validation* split, and the test
+split reports what that threshold does on images nobody tuned on. Either way the evaluation
+shows the trade-off - target recall -> threshold -> share of good parts flagged, on validation
+and test - and warns when the chosen point flags more than a third of the good parts.
 """
 
 from __future__ import annotations
@@ -10,13 +12,19 @@ from __future__ import annotations
 import math
 
 import numpy as np
+import pandas as pd
 
-DEFAULT_THRESHOLD = 0.5  # the classifier's own boundary (class-balanced loss)
+from qi.inference import decide
+
+DEFAULT_THRESHOLD = 0.5  # the classifier's own boundary
+TRADEOFF_TARGETS = (0.8, 0.9, 0.95, 0.99)
+TOO_MANY_FALSE_ALARMS = 1 / 3  # share of good parts flagged that earns a warning
 
 
-def choose_threshold(labels: np.ndarray, scores: np.ndarray, target_recall: float) -> float:
-    """The threshold, at most 0.5, with the fewest false alarms whose defect recall on these
-    scores is at least ``target_recall``; placed mid-gap below the last defect it must catch.
+def choose_threshold(labels: np.ndarray, scores: np.ndarray, target_recall: float | None) -> float:
+    """0.5 without a target; else the threshold, at most 0.5, with the fewest false alarms
+    whose defect recall on these scores is at least ``target_recall``; placed mid-gap below
+    the last defect it must catch.
 
     With ``n`` defective images the recall is reached by flagging the ``ceil(target * n)``
     highest-scored of them; every threshold between that image's score and the next lower
@@ -32,6 +40,8 @@ def choose_threshold(labels: np.ndarray, scores: np.ndarray, target_recall: floa
 
     Without defective images the default 0.5 stands.
     """
+    if target_recall is None or target_recall != target_recall:  # None or NaN: no target
+        return DEFAULT_THRESHOLD
     if not 0 < target_recall <= 1:
         raise ValueError(f"target recall must be in (0, 1], got {target_recall}")
     scores, labels = np.asarray(scores, dtype=float), np.asarray(labels)
@@ -55,3 +65,64 @@ def _logit(p: float, eps: float = 1e-7) -> float:
 
 def _sigmoid(x: float) -> float:
     return 1 / (1 + math.exp(-x))
+
+
+def rates(labels: np.ndarray, scores: np.ndarray, threshold: float) -> tuple[float, float]:
+    """(defect recall, share of good parts flagged) at ``threshold``; NaN for a missing class."""
+    labels, flagged = np.asarray(labels), decide(scores, threshold).astype(bool)
+    defective, good = labels == 1, labels == 0
+    recall = flagged[defective].mean() if defective.any() else float("nan")
+    false_alarms = flagged[good].mean() if good.any() else float("nan")
+    return float(recall), float(false_alarms)
+
+
+def tradeoff(
+    val_labels: np.ndarray,
+    val_scores: np.ndarray,
+    test_labels: np.ndarray,
+    test_scores: np.ndarray,
+    targets: tuple[float, ...] = TRADEOFF_TARGETS,
+) -> pd.DataFrame:
+    """One row per operating point: the boundary 0.5, then each target recall with the
+    threshold validation gives it; recall and false-alarm share on validation and test."""
+    rows = []
+    for target in (None, *targets):
+        threshold = choose_threshold(val_labels, val_scores, target)
+        val_recall, val_alarms = rates(val_labels, val_scores, threshold)
+        test_recall, test_alarms = rates(test_labels, test_scores, threshold)
+        rows.append(
+            {
+                "target_recall": "none (0.5)" if target is None else f"{target:.2f}",
+                "threshold": threshold,
+                "val_recall": val_recall,
+                "val_false_alarms": val_alarms,
+                "test_recall": test_recall,
+                "test_false_alarms": test_alarms,
+            }
+        )
+    return pd.DataFrame(rows)
+
+
+def tradeoff_markdown(table: pd.DataFrame) -> str:
+    lines = [
+        "| target defect recall | threshold | recall (val) | good parts flagged (val) "
+        "| recall (test) | good parts flagged (test) |",
+        "| --- | --- | --- | --- | --- | --- |",
+    ]
+    for row in table.itertuples():
+        lines.append(
+            f"| {row.target_recall} | {row.threshold:.3f} | {row.val_recall:.3f} "
+            f"| {row.val_false_alarms:.1%} | {row.test_recall:.3f} | {row.test_false_alarms:.1%} |"
+        )
+    return "\n".join(lines)
+
+
+def false_alarm_warning(false_alarms: float, threshold: float, split: str) -> str | None:
+    """One line when an operating point flags more than a third of the good parts."""
+    if false_alarms == false_alarms and false_alarms > TOO_MANY_FALSE_ALARMS:
+        return (
+            f"warning: threshold {threshold:.3f} flags {false_alarms:.0%} of the good parts on "
+            f"the {split} split; see the trade-off table and choose a lower --target-recall, "
+            "or none"
+        )
+    return None

@@ -165,23 +165,41 @@ def summary_markdown(evaluation: Evaluation, pictures: list[str], title: str) ->
     ):
         rows.append(f"| {key} | {m[key]:.4f} | {h[key]:.4f} |")
     matrix = evaluation.confusion()
+    if (
+        evaluation.target_recall is not None
+        and evaluation.target_recall == evaluation.target_recall
+    ):
+        origin = (
+            f"The threshold {evaluation.threshold:.4f} was chosen on the validation split for a "
+            f"defect recall of at least {evaluation.target_recall:.2f}."
+        )
+    elif evaluation.threshold == 0.5:
+        origin = "The model decides at its own boundary, 0.5 (no target recall was set)."
+    else:
+        origin = f"The model's own threshold {evaluation.threshold:.4f} was used."
     lines = [
         f"# {title}",
         "",
         f"Test split: {len(evaluation.labels)} images "
-        f"({int(evaluation.labels.sum())} defective). "
-        + (
-            f"The threshold {evaluation.threshold:.4f} was chosen on the validation split for a "
-            f"defect recall of at least {evaluation.target_recall:.2f}."
-            if evaluation.target_recall == evaluation.target_recall
-            else f"The model's own threshold {evaluation.threshold:.4f} was used."
-        ),
+        f"({int(evaluation.labels.sum())} defective). " + origin,
         "",
         *rows,
         "",
         f"Missed defects: {int(matrix[1, 0])}; false alarms: {int(matrix[0, 1])}.",
         "",
     ]
+    if evaluation.warning:
+        lines += [f"**{evaluation.warning}**", ""]
+    if evaluation.tradeoff is not None:
+        lines += [
+            "## Operating points",
+            "",
+            "What each target defect recall costs: the threshold validation gives it, and the "
+            "share of good parts it flags.",
+            "",
+            evaluation.tradeoff_markdown(),
+            "",
+        ]
     if evaluation.by_defect_type is not None:
         lines += [
             "## Recall per defect type",
@@ -218,6 +236,8 @@ def log_evaluation(evaluation: Evaluation, run_id: str, title: str = "Evaluation
         (folder / "classification_report.json").write_text(json.dumps(evaluation.report, indent=2))
         if evaluation.by_defect_type is not None:
             evaluation.by_defect_type.to_csv(folder / "recall_by_defect_type.csv", index=False)
+        if evaluation.tradeoff is not None:
+            evaluation.tradeoff.to_csv(folder / "operating_points.csv", index=False)
         (folder / "summary.md").write_text(
             summary_markdown(evaluation, [str(p) for p in pictures], title)
         )

@@ -35,8 +35,14 @@ def evaluate_logged_model(
     data = prepare_data(data_config, progress=progress)
     images, labels = data.split("test")
     scores = defect_probabilities(model.net, images)
+    val_images, val_labels = data.split("val")
     evaluation = evaluation_from_scores(
-        labels, scores, data.split_frame("test"), model.spec.threshold, target_recall=float("nan")
+        labels,
+        scores,
+        data.split_frame("test"),
+        model.spec.threshold,
+        target_recall=None,
+        validation=(val_labels, defect_probabilities(model.net, val_images)),
     )
     tags = standard_tags(data.digest, {Tag.KIND: Kind.EVALUATE, Tag.MODEL_URI: model_uri})
     with training_run(tracking, tags=tags) as run_id:

@@ -1,8 +1,10 @@
-"""A compact CNN sized for 2-core CPUs: conv blocks that halve the resolution, then a head."""
+"""A compact CNN sized for 2-core CPUs: conv blocks that halve the resolution, then pooling."""
 
 from __future__ import annotations
 
 from torch import nn
+
+from qi.models.parts import GlobalPool
 
 ACTIVATIONS: dict[str, type[nn.Module]] = {
     "relu": nn.ReLU,
@@ -33,7 +35,11 @@ def conv_block(c_in: int, c_out: int, act: str, batch_norm: bool) -> nn.Sequenti
 
 
 class InspectionCNN(nn.Module):
-    """``depth`` blocks, channels ``width * 2**i`` (capped at 256), global pooling, one logit."""
+    """Encoder: ``depth`` blocks, channels ``width * 2**i`` (capped at 256), global pooling.
+
+    Max pooling keeps a small defect's response (a pin hole on a casting); average pooling
+    describes a texture; ``avgmax`` offers both to the head.
+    """
 
     def __init__(
         self,
@@ -41,8 +47,8 @@ class InspectionCNN(nn.Module):
         depth: int = 4,
         width: int = 32,
         act: str = "relu",
-        dropout: float = 0.2,
         batch_norm: bool = True,
+        pool: str = "max",
     ) -> None:
         super().__init__()
         if depth < 1:
@@ -56,9 +62,9 @@ class InspectionCNN(nn.Module):
                 for a, b in zip(channels, channels[1:], strict=False)
             )
         )
-        # max pooling keeps a small defect's response; mean pooling would average it away
-        self.pool = nn.AdaptiveMaxPool2d(1)
-        self.head = nn.Sequential(nn.Flatten(), nn.Dropout(dropout), nn.Linear(channels[-1], 1))
+        self.pool = GlobalPool(pool)
+        self.feature_dim = channels[-1] * self.pool.multiplier
+        self.stages = list(self.features)
 
     def forward(self, x):
-        return self.head(self.pool(self.features(x)))
+        return self.pool(self.features(x))

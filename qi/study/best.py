@@ -160,12 +160,22 @@ def register_best(
 
 
 def model_description(evaluation: Evaluation, config: TuneConfig, best) -> str:
+    """The registry page's text: what the model is, how well it did, what its threshold
+    costs, and how to call it."""
     m = evaluation.metrics
-    return (
+    if evaluation.target_recall is None:
+        origin = "the model's own boundary"
+    else:
+        origin = f"chosen on validation for defect recall >= {evaluation.target_recall}"
+    text = (
         f"Best trial {best.number} of Optuna study '{config.study_name}' ({config.metric} "
         f"{best.value:.4f}). Test: accuracy {m['acc']:.4f}, F1 {m['f1']:.4f}, defect recall "
         f"{m['defect_recall']:.4f}, ROC AUC {m['auroc']:.4f} at threshold "
-        f"{evaluation.threshold:.4f} (chosen on validation for defect recall >= "
-        f"{evaluation.target_recall}). Input: DataFrame column 'image' of encoded image bytes; "
-        "output: label, defect_probability, threshold."
+        f"{evaluation.threshold:.4f} ({origin}). Input: DataFrame column 'image' of encoded "
+        "image bytes; output: label, defect_probability, threshold."
     )
+    if evaluation.warning:
+        text += f"\n\n**{evaluation.warning}**"
+    if evaluation.tradeoff is not None:
+        text += "\n\nOperating points:\n\n" + evaluation.tradeoff_markdown()
+    return text

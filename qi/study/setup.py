@@ -8,7 +8,9 @@ the same.
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, fields, replace
+import warnings
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
@@ -52,8 +54,13 @@ def open_storage(storage: str | None, tracking_uri: str) -> optuna.storages.Base
 
 
 def _tpe(seed: int, epochs: int) -> optuna.samplers.BaseSampler:
-    # few startup trials: default budgets are tens of trials, not hundreds
-    return optuna.samplers.TPESampler(seed=seed, n_startup_trials=5, multivariate=True)
+    # few startup trials: default budgets are tens of trials, not hundreds; group: the space
+    # is conditional (CNN and backbone parameters never appear together)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        return optuna.samplers.TPESampler(
+            seed=seed, n_startup_trials=5, multivariate=True, group=True
+        )
 
 
 def _random(seed: int, epochs: int) -> optuna.samplers.BaseSampler:
@@ -132,32 +139,97 @@ def resolve_study(base: RunConfig, tune: TuneConfig) -> tuple[RunConfig, TuneCon
     return base, replace(tune, space=space)
 
 
+def _cnn(params: dict) -> bool:
+    return params["model.name"] == "cnn"
+
+
+def _backbone(params: dict) -> bool:
+    return params["model.name"] != "cnn"
+
+
+def _frozen(params: dict) -> bool:
+    return _backbone(params) and params["model.finetune"] == "head"
+
+
+def _trains_on_images(params: dict) -> bool:
+    return not _frozen(params)
+
+
+def _fine_tuned(params: dict) -> bool:
+    return _backbone(params) and params["model.finetune"] != "head"
+
+
+def _always(params: dict) -> bool:
+    return True
+
+
+@dataclass(frozen=True)
+class SearchParam:
+    """One dimension of the search: its Optuna name, the config field it sets, the
+    :class:`~qi.config.SearchSpace` field holding its domain, how it is sampled, and when it
+    applies (CNN-only, backbone-only... judged on the parameters sampled before it)."""
+
+    name: str  # Optuna's name (a trial's params and MLflow params read the same)
+    target: str  # dotted config field it sets
+    domain: str  # SearchSpace field: (low, high) or choices
+    kind: str  # "choice", "int", "float" or "log"
+    when: Callable[[dict], bool] = _always
+
+
+# in sampling order: conditions may read what is sampled before them
+SEARCH = (
+    SearchParam("model.name", "model.name", "models", "choice"),
+    SearchParam("model.finetune", "model.finetune", "finetune", "choice", _backbone),
+    SearchParam("train.optimizer", "train.optimizer", "optimizers", "choice"),
+    SearchParam("train.learning_rate", "train.learning_rate", "learning_rate", "log"),
+    SearchParam("train.weight_decay", "train.weight_decay", "weight_decay", "log"),
+    SearchParam("data.batch_size", "data.batch_size", "batch_sizes", "choice"),
+    SearchParam("model.dropout", "model.dropout", "dropout", "float"),
+    SearchParam("model.pooling", "model.pooling", "poolings", "choice"),
+    SearchParam("data.image_size", "data.image_size", "image_sizes", "choice", _cnn),
+    SearchParam("model.activation", "model.activation", "activations", "choice", _cnn),
+    SearchParam("model.depth", "model.depth", "depth", "int", _cnn),
+    SearchParam("model.width", "model.width", "widths", "choice", _cnn),
+    SearchParam(
+        "backbone.image_size", "data.image_size", "backbone_image_sizes", "choice", _backbone
+    ),
+    SearchParam("model.head_hidden", "model.head_hidden", "head_hidden", "choice", _backbone),
+    SearchParam(
+        "model.test_time_views", "model.test_time_views", "test_time_views", "choice", _frozen
+    ),
+    SearchParam(
+        "train.encoder_lr_scale", "train.encoder_lr_scale", "encoder_lr_scale", "log", _fine_tuned
+    ),
+    SearchParam(
+        "data.augment_strength", "data.augment_strength", "augment_strength", "float",
+        _trains_on_images,
+    ),
+    SearchParam(
+        "data.augmentation", "data.augmentation", "augmentations", "choice", _trains_on_images
+    ),
+)  # fmt: skip
+
+
+def domain_of(param: SearchParam, space: SearchSpace, params: dict) -> tuple:
+    if param.domain == "learning_rate":  # SGD's good rates are an order of magnitude higher
+        return learning_rate_range(space, params["train.optimizer"])
+    return getattr(space, param.domain)
+
+
 def suggest_params(trial: optuna.Trial, space: SearchSpace) -> dict:
-    """Sample one configuration; every parameter first, as Optuna's examples do."""
-    params: dict[str, Any] = {
-        "train.optimizer": trial.suggest_categorical("train.optimizer", space.optimizers),
-    }
-    params["train.learning_rate"] = trial.suggest_float(
-        "train.learning_rate", *learning_rate_range(space, params["train.optimizer"]), log=True
-    )
-    params |= {
-        "train.weight_decay": trial.suggest_float(
-            "train.weight_decay", *space.weight_decay, log=True
-        ),
-        "data.batch_size": trial.suggest_categorical("data.batch_size", space.batch_sizes),
-        "data.augment_strength": trial.suggest_float(
-            "data.augment_strength", *space.augment_strength
-        ),
-        "model.dropout": trial.suggest_float("model.dropout", *space.dropout),
-        "model.name": trial.suggest_categorical("model.name", space.models),
-        "data.image_size": trial.suggest_categorical("data.image_size", space.image_sizes),
-    }
-    if params["model.name"] == "cnn":
-        params["model.activation"] = trial.suggest_categorical(
-            "model.activation", space.activations
-        )
-        params["model.depth"] = trial.suggest_int("model.depth", *space.depth)
-        params["model.width"] = trial.suggest_categorical("model.width", space.widths)
+    """Sample one configuration; every parameter first, as Optuna's examples do. Returns
+    Optuna names -> values (see :func:`apply_params`)."""
+    params: dict[str, Any] = {}
+    for param in SEARCH:
+        if not param.when(params):
+            continue
+        domain = domain_of(param, space, params)
+        if param.kind == "choice":
+            params[param.name] = trial.suggest_categorical(param.name, domain)
+        elif param.kind == "int":
+            params[param.name] = trial.suggest_int(param.name, *domain)
+        else:
+            params[param.name] = trial.suggest_float(param.name, *domain, log=param.kind == "log")
     return params
 
 
@@ -167,10 +239,11 @@ def learning_rate_range(space: SearchSpace, optimizer: str) -> tuple[float, floa
 
 
 def apply_params(base: RunConfig, params: dict[str, Any]) -> RunConfig:
-    """``base`` with the dotted ``section.field`` values of ``params`` put in."""
+    """``base`` with the sampled ``params`` (Optuna names) put into the fields they set."""
+    targets = {p.name: p.target for p in SEARCH}
     sections: dict[str, dict[str, Any]] = {"data": {}, "model": {}, "train": {}}
     for key, value in params.items():
-        section, name = key.split(".", 1)
+        section, name = targets.get(key, key).split(".", 1)
         sections[section][name] = value
     return replace(
         base,
@@ -180,47 +253,31 @@ def apply_params(base: RunConfig, params: dict[str, Any]) -> RunConfig:
     )
 
 
+def params_of(config: RunConfig) -> dict[str, Any]:
+    """The search's parameters that apply to ``config``, with its values (a trial to
+    enqueue)."""
+    params: dict[str, Any] = {}
+    for param in SEARCH:
+        if param.when(params):
+            section, name = param.target.split(".", 1)
+            params[param.name] = getattr(getattr(config, section), name)
+    return params
+
+
 def default_params(base: RunConfig, space: SearchSpace) -> dict | None:
     """``qi train``'s configuration as a trial, when the search space contains it."""
-    values = {
-        "train.learning_rate": base.train.learning_rate,
-        "train.optimizer": base.train.optimizer,
-        "train.weight_decay": base.train.weight_decay,
-        "data.batch_size": base.data.batch_size,
-        "data.augment_strength": base.data.augment_strength,
-        "model.dropout": base.model.dropout,
-        "model.name": base.model.name,
-        "model.activation": base.model.activation,
-        "model.depth": base.model.depth,
-        "model.width": base.model.width,
-        "data.image_size": base.data.image_size,
-    }
-    if values["model.name"] != "cnn":
-        for key in ("model.activation", "model.depth", "model.width"):
-            values.pop(key)
+    values = params_of(base)
     return values if _inside(values, space) else None
 
 
 def _inside(values: dict[str, Any], space: SearchSpace) -> bool:
-    ranges = {
-        "train.learning_rate": learning_rate_range(space, values["train.optimizer"]),
-        "train.weight_decay": space.weight_decay,
-        "data.augment_strength": space.augment_strength,
-        "model.dropout": space.dropout,
-        "model.depth": space.depth,
-    }
-    choices = {
-        "train.optimizer": space.optimizers,
-        "data.batch_size": space.batch_sizes,
-        "model.name": space.models,
-        "data.image_size": space.image_sizes,
-        "model.activation": space.activations,
-        "model.width": space.widths,
-    }
-    for key, value in values.items():
-        if key in ranges and not ranges[key][0] <= value <= ranges[key][1]:
+    for param in SEARCH:
+        if param.name not in values:
+            continue
+        value, domain = values[param.name], domain_of(param, space, values)
+        if param.kind == "choice" and value not in domain:
             return False
-        if key in choices and value not in choices[key]:
+        if param.kind != "choice" and not domain[0] <= value <= domain[1]:
             return False
     return True
 

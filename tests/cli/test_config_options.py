@@ -39,7 +39,7 @@ def _other_value(option: ExposedOption, tmp_path: Path) -> tuple[str, object]:
         pick = next(n for n in reversed(names) if n != default)
         return pick, (pick,) if kind.base is tuple else pick
     candidates = {
-        int: ["7", "3"],
+        int: ["7", "3", "8"],
         float: ["0.3", "0.7", "3.5"],
         str: ["something-else"],
         Path: [str(tmp_path / "out.csv")],

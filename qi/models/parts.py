@@ -1,0 +1,103 @@
+"""The parts every network shares: global pooling, the classification head, stem adaptation.
+
+A qi network is ``normalise -> encoder -> head``: the encoder turns an image into one feature
+vector (a CNN or a pretrained backbone, then :class:`GlobalPool`), the head turns the vector
+into one defect logit. Keeping the two apart lets a study train heads on cached features of a
+frozen encoder in seconds (:mod:`qi.data.embeddings`) and serve the same network whole.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+POOLINGS = ("max", "avg", "avgmax")
+
+
+class GlobalPool(nn.Module):
+    """Feature map (N, C, H, W) -> vector. ``max`` keeps a small defect's response (a pin hole
+    on a casting), ``avg`` describes a texture, ``avgmax`` (both, 2C values) does not choose."""
+
+    def __init__(self, kind: str) -> None:
+        super().__init__()
+        if kind not in POOLINGS:
+            raise ValueError(f"unknown pooling '{kind}': choose one of {', '.join(POOLINGS)}")
+        self.kind = kind
+
+    @property
+    def multiplier(self) -> int:
+        return 2 if self.kind == "avgmax" else 1
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.kind == "avg":
+            return x.mean((2, 3))
+        if self.kind == "max":
+            return x.amax((2, 3))
+        return torch.cat([x.mean((2, 3)), x.amax((2, 3))], dim=1)
+
+
+class Standardize(nn.Module):
+    """Fixed per-feature centring and scaling, set from the training features of a frozen
+    encoder before its head is fitted (identity otherwise). Part of the model, so the served
+    network repeats it exactly."""
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.register_buffer("mean", torch.zeros(dim))
+        self.register_buffer("scale", torch.ones(dim))
+
+    def set_from(self, features: torch.Tensor) -> None:
+        self.mean.copy_(features.float().mean(0))
+        self.scale.copy_(features.float().std(0).clamp_min(1e-6))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (x - self.mean) / self.scale
+
+
+def build_head(dim: int, dropout: float, hidden: int = 0) -> nn.Sequential:
+    """Feature vector -> one logit: a linear classifier, or one hidden layer of ``hidden``."""
+    layers: list[nn.Module] = [Standardize(dim), nn.Dropout(dropout)]
+    if hidden > 0:
+        layers += [nn.Linear(dim, hidden), nn.SiLU(), nn.Dropout(dropout)]
+        dim = hidden
+    layers.append(nn.Linear(dim, 1))
+    return nn.Sequential(*layers)
+
+
+def first_conv(model: nn.Module) -> nn.Conv2d:
+    for module in model.modules():
+        if isinstance(module, nn.Conv2d):
+            return module
+    raise ValueError("the network has no convolution")
+
+
+def adapt_input_channels(model: nn.Module, channels: int) -> None:
+    """Make the stem take ``channels`` inputs, keeping its pretrained filters: grayscale gets
+    the sum of the RGB filters, which answers a gray image as the RGB stem answers the same
+    image in colour. Edited in place, so stems with their own padding logic keep it."""
+    conv = first_conv(model)
+    if conv.in_channels == channels:
+        return
+    with torch.no_grad():
+        summed = conv.weight.sum(dim=1, keepdim=True)
+        weight = summed.repeat(1, channels, 1, 1) / channels if channels > 1 else summed
+    conv.weight = nn.Parameter(weight.contiguous())
+    conv.in_channels = channels
+
+
+class HeadOnViews(nn.Module):
+    """A head applied to features of several views of each image, ``(N, V, D)`` -> ``(N,)``
+    logits of the view-averaged probability: what the whole network answers with
+    test-time averaging, computed from cached features."""
+
+    def __init__(self, head: nn.Module) -> None:
+        super().__init__()
+        self.head = head
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        n, views, dim = features.shape
+        logits = self.head(features.reshape(n * views, dim)).reshape(n, views)
+        if views == 1:
+            return logits[:, 0]
+        probability = torch.sigmoid(logits.float()).mean(1)
+        return torch.logit(probability, eps=1e-6)
