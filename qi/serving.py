@@ -125,7 +125,16 @@ def pip_requirements() -> list[str]:
     """Pinned versions of what the served model imports (not the training stack)."""
     from importlib.metadata import version
 
-    names = ["torch", "torchvision", "opencv-python-headless", "numpy", "pandas", "mlflow"]
+    names = [
+        "torch",
+        "torchvision",
+        "efficientnet-lite-pytorch",  # the architecture; the weights travel with the model
+        "opencv-python-headless",
+        "pillow",
+        "numpy",
+        "pandas",
+        "mlflow",
+    ]
     return [f"{name}=={version(name)}" for name in names]
 
 
