@@ -43,6 +43,10 @@ ABLATIONS = {  # name -> `qi train` arguments, each a single change or a candida
     "cnn, unweighted loss": ["--no-balance-classes"],
     "cnn, dihedral augmentation": ["--augmentation", "dihedral"],
     "cnn 224 px": ["--image-size", "224"],
+    "cnn, avgmax + dihedral": ["--pooling", "avgmax", "--augmentation", "dihedral"],
+    "cnn, avgmax + dihedral + 8 test-time views": [
+        "--pooling", "avgmax", "--augmentation", "dihedral", "--test-time-views", "8",
+    ],
     "cnn 8 test-time views": ["--test-time-views", "8"],
     "lite0 head, 224 px, avgmax": [
         "--model", "efficientnet_lite0", "--finetune", "head", "--image-size", "224",
@@ -136,6 +140,7 @@ def main() -> None:
         timeout=0.0,  # 0: qi tune's default budget
         n_trials=0,  # 0: qi tune's default
         ablations=0,
+        only="",  # with --ablations: the variants whose name starts with this
         warm=0,
     )
     with tempfile.TemporaryDirectory(prefix="qi-real-") as tmp:
@@ -145,7 +150,9 @@ def main() -> None:
             import elpv_dataset  # noqa: F401
 
             source = f"ELPV {args.cells} cells, 75/25 stratified split, seed {SEED}"
-            if not args.data_dir:
+            if args.data_dir:
+                source = f"the images in {args.data_dir}"
+            else:
                 write_elpv(args.cells, data_dir)
         except ImportError:
             if not args.quick:
@@ -160,7 +167,7 @@ def main() -> None:
         mlflow.set_tracking_uri(uri)
         print(f"data: {source}; machine: {os.cpu_count()} CPUs")
         if args.ablations:
-            table = ablations(data_dir, env, quick=bool(args.quick))
+            table = ablations(data_dir, env, quick=bool(args.quick), only=args.only)
         else:
             table = default_study(data_dir, env, args)
         for line in table:
@@ -199,12 +206,14 @@ def default_study(data_dir: Path, env: dict[str, str], args) -> list[str]:
     return lines
 
 
-def ablations(data_dir: Path, env: dict[str, str], quick: bool) -> list[str]:
+def ablations(data_dir: Path, env: dict[str, str], quick: bool, only: str = "") -> list[str]:
     lines = [
         "| qi train variant | acc@0.5 | roc_auc | recall@0.5 | false alarms@0.5 | seconds |",
         "| --- | --- | --- | --- | --- | --- |",
     ]
-    variants = dict(list(ABLATIONS.items())[:2]) if quick else ABLATIONS
+    variants = {k: v for k, v in ABLATIONS.items() if k.startswith(only)}
+    if quick:
+        variants = dict(list(variants.items())[:2])
     for i, (name, extra) in enumerate(variants.items()):
         experiment = f"ablation-{i}"
         command = ["train", "--data-dir", str(data_dir), "--no-progress"]

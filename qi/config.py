@@ -141,7 +141,7 @@ class DataConfig(Checked):
         0.5, "0 disables augmentation, 1 is strong.", check=unit_interval
     )
     augmentation: str = option(
-        "affine",
+        "dihedral",
         "affine: flips, any rotation, small shifts and scaling (interpolated); dihedral: only "
         "the 8 exact flips/rotations of the square.",
         choices=_augmentations,
@@ -170,7 +170,7 @@ class ModelConfig(Checked):
     width: int = option(16, "CNN channels of the first block.", check=positive)
     activation: str = option("relu", "CNN activation.", choices=_activations)
     pooling: str = option(
-        "max",
+        "avgmax",
         "Global pooling of the last feature map: max keeps a small defect's response, avg "
         "describes a texture, avgmax gives the head both.",
         choices=_poolings,
@@ -243,8 +243,8 @@ class EvaluationConfig(Checked):
     target_recall: float | None = option(
         None,
         "Move the threshold down from 0.5 until this defect recall is reached on the "
-        "validation split (default: decide at 0.5; the evaluation shows what each target "
-        "costs in false alarms).",
+        "validation split (default: the threshold with the fewest validation errors, each "
+        "class by its share; the evaluation shows what each target costs in false alarms).",
         check=recall_target,
     )
     promotion_metric: str = option(
@@ -327,7 +327,11 @@ class SearchSpace(Checked):
         ("relu", "gelu", "silu"), "CNN activations.", choices=_activations, check=_not_empty
     )
     models: tuple[str, ...] = option(
-        ("cnn",), "Architectures.", choices=_model_names, noun="model", check=_not_empty
+        ("cnn", "efficientnet_lite0"),
+        "Architectures.",
+        choices=_model_names,
+        noun="model",
+        check=_not_empty,
     )
     depth: tuple[int, ...] = option((4, 5), "CNN depth (blocks).", check=_ordered_range)
     widths: tuple[int, ...] = option((8, 16, 24), "CNN widths.", check=_not_empty)
@@ -335,10 +339,10 @@ class SearchSpace(Checked):
         (0.0, 1.0), "Augmentation strength.", check=_ordered_range
     )
     augmentations: tuple[str, ...] = option(
-        ("affine", "dihedral"), "Augmentations.", choices=_augmentations, check=_not_empty
+        ("dihedral", "affine"), "Augmentations.", choices=_augmentations, check=_not_empty
     )
     poolings: tuple[str, ...] = option(
-        ("max", "avg", "avgmax"), "Global poolings.", choices=_poolings, check=_not_empty
+        ("avgmax", "max", "avg"), "Global poolings.", choices=_poolings, check=_not_empty
     )
     # 64 px blurs pin holes away
     image_sizes: tuple[int, ...] = option((96, 128), "CNN image sizes.", check=_not_empty)
@@ -381,7 +385,7 @@ class TuneConfig(Checked):
         check=positive,
     )
     timeout: float | None = option(
-        480.0,
+        240.0,
         "Seconds for this worker; running trials stop at the deadline. 0: none.",
         check=not_negative,
     )
@@ -413,7 +417,7 @@ class TuneConfig(Checked):
         parse=json_objects,
     )
     seed: int = SEED.field()
-    start_with_defaults: bool = True  # trial 0 is `qi train`'s configuration
+    start_with_defaults: bool = True  # first trials: a frozen-backbone head, `qi train`'s
     model_name: str = MODEL_NAME.field()
     space: SearchSpace = field(default_factory=SearchSpace)
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import base64
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -59,15 +59,34 @@ class ModelSpec:
 
 
 def load_network(spec: ModelSpec, weights_file: Path) -> InspectionNet:
-    """The network of ``spec`` with its trained weights (nothing is unpickled)."""
-    net = build_model(
-        ModelConfig(**{**asdict(spec.model), "pretrained": None}),
-        spec.preprocess.channels,
-        spec.preprocess.image_size,
-    )
+    """The network of ``spec`` with its trained weights (nothing is unpickled).
+
+    A file without encoder weights holds a head trained on a frozen pretrained encoder (what a
+    study keeps of such a trial): the encoder then comes from the pretrained weights the spec
+    names, exactly as it was when the head was fitted.
+    """
     state = torch.load(weights_file, map_location="cpu", weights_only=True)
-    net.load_state_dict(state)
+    head_only = not any(key.startswith("encoder.") for key in state)
+    model = spec.model if head_only else replace(spec.model, pretrained=None)
+    net = build_model(model, spec.preprocess.channels, spec.preprocess.image_size)
+    missing, unexpected = net.load_state_dict(state, strict=False)
+    if unexpected or any(not key.startswith("encoder.") for key in missing):
+        raise ValueError(
+            f"{weights_file} does not fit a {spec.model.name} network: missing "
+            f"{missing[:3]}, unexpected {unexpected[:3]}"
+        )
+    if missing and not head_only:
+        raise ValueError(f"{weights_file} lacks encoder weights {missing[:3]}")
     return net.eval().to(memory_format=torch.channels_last)
+
+
+def trained_state(net: InspectionNet) -> dict[str, torch.Tensor]:
+    """What a trial must keep of its network: everything, or only the head (and the input
+    normalisation) when the encoder stayed frozen at its pretrained weights."""
+    state = {k: v.detach().cpu() for k, v in net.state_dict().items()}
+    if getattr(net, "finetune", "all") == "head" and getattr(net, "pretrained", False):
+        state = {k: v for k, v in state.items() if not k.startswith("encoder.")}
+    return state
 
 
 @torch.inference_mode()
@@ -130,6 +149,7 @@ __all__ = [
     "defect_probabilities",
     "label_names",
     "load_network",
+    "trained_state",
     "prepare_batch",
     "preprocess_item",
 ]

@@ -91,3 +91,40 @@ def test_early_stopping_waits_until_its_start(after, epochs_run):
     trainer.fit(ConstantValidation(), loader, loader)
     # first check sets the best score, the next one without improvement stops (patience 1)
     assert trainer.current_epoch == epochs_run
+
+
+def test_a_frozen_backbone_trains_its_head_on_cached_features_and_serves_whole(tiny_config):
+    """The head learns from cached features of flipped/rotated copies; the logged model,
+    scoring raw images end to end with 8 test-time views, agrees with those features."""
+    from dataclasses import replace
+
+    from qi.data.embeddings import embeddings
+    from qi.models.parts import HeadOnViews
+
+    model = replace(
+        tiny_config.model,
+        name="efficientnet_lite0",
+        finetune="head",
+        pooling="avgmax",
+        test_time_views=8,
+    )
+    config = replace(
+        tiny_config,
+        model=model,
+        data=replace(tiny_config.data, image_size=64),
+        train=replace(tiny_config.train, epochs=3),
+    )
+    outcome = train(config, progress=False)
+    run = mlflow.MlflowClient().get_run(outcome.run_id)
+    assert run.data.params["model.finetune"] == "head" and "test/auroc" in run.data.metrics
+    net = outcome.result.net
+    images, _ = outcome.data.split("val")
+    cached = embeddings(net, images, views=8, progress=False)  # what the head trained against
+    with torch.no_grad():
+        from_cache = torch.sigmoid(HeadOnViews(net.head)(torch.from_numpy(cached).transpose(0, 1)))
+    model_uri = outcome.model_uri
+    frame = outcome.data.split_frame("val")
+    served = mlflow.pyfunc.load_model(model_uri).predict(
+        pd.DataFrame({"image": [Path(p).read_bytes() for p in frame["image_path"]]})
+    )
+    assert served["defect_probability"].to_numpy() == pytest.approx(from_cache.numpy(), abs=5e-3)

@@ -23,7 +23,7 @@ from qi.data import synth
 from qi.data.augmentation import build_augmentation
 from qi.data.cache import decode_images
 from qi.data.discovery import DataLayoutError, discover
-from qi.data.preprocessing import PreprocessConfig
+from qi.data.preprocessing import PreprocessConfig, typical_size
 from qi.data.splits import assign_splits, check_classes, subsample
 
 log = logging.getLogger(__name__)
@@ -42,6 +42,7 @@ class PreparedData:
     ok_class: str
     preprocess: PreprocessConfig
     skipped: dict[str, str] = field(default_factory=dict)
+    source_size: int | None = None  # median shorter side of the files, in pixels
 
     @property
     def digest(self) -> str:
@@ -116,6 +117,7 @@ def prepare_data(
         ok_class=found.ok_class,
         preprocess=preprocess,
         skipped=decoded.skipped,
+        source_size=typical_size(frame["image_path"].tolist()),
     )
 
 

@@ -75,6 +75,28 @@ def check_declared_size(data: bytes | bytearray | memoryview) -> None:
         )
 
 
+def header_size(path: str) -> tuple[int, int] | None:
+    """(width, height) from the file's header, without decoding pixels; None if unreadable."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(path) as image:
+                return image.size
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError, Image.DecompressionBombError):
+        return None
+
+
+def typical_size(paths: list[str], sample: int = 32) -> int | None:
+    """The median shorter side of (a spread-out sample of) the images, from their headers:
+    the detail the files actually hold, so a model need not look at them larger."""
+    if not paths:
+        return None
+    step = max(1, len(paths) // sample)
+    sizes = [header_size(p) for p in paths[::step][:sample]]
+    sides = sorted(min(s) for s in sizes if s)
+    return sides[len(sides) // 2] if sides else None
+
+
 def read_image(path: str) -> np.ndarray:
     """Read an image file with its original depth and channels."""
     with open(path, "rb") as fh:

@@ -173,8 +173,11 @@ def summary_markdown(evaluation: Evaluation, pictures: list[str], title: str) ->
             f"The threshold {evaluation.threshold:.4f} was chosen on the validation split for a "
             f"defect recall of at least {evaluation.target_recall:.2f}."
         )
-    elif evaluation.threshold == 0.5:
-        origin = "The model decides at its own boundary, 0.5 (no target recall was set)."
+    elif evaluation.tradeoff is not None:
+        origin = (
+            f"The threshold {evaluation.threshold:.4f} has the fewest balanced errors on the "
+            "validation split (no target recall was set)."
+        )
     else:
         origin = f"The model's own threshold {evaluation.threshold:.4f} was used."
     lines = [

@@ -32,10 +32,10 @@ from qi.study.report import log_study_report
 from qi.study.setup import (
     build_pruner,
     build_sampler,
-    default_params,
     describe,
     open_storage,
     resolve_study,
+    starting_trials,
     storage_label,
 )
 from qi.study.trials import (
@@ -110,9 +110,8 @@ def tune(
         log_metrics({"trials_before": existing, "stale_trials_failed": stale}, parent_run_id)
         log_prepared_data(first, parent_run_id)
         if existing == 0 and config.start_with_defaults:
-            defaults = default_params(base, config.space)
-            if defaults:
-                study.enqueue_trial(defaults, skip_if_exists=True)
+            for params in starting_trials(base, config.space):
+                study.enqueue_trial(params, skip_if_exists=True)
         if existing == 0:
             for params in config.enqueue:  # as the user listed them, repeats included
                 study.enqueue_trial(params)

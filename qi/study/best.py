@@ -164,7 +164,7 @@ def model_description(evaluation: Evaluation, config: TuneConfig, best) -> str:
     costs, and how to call it."""
     m = evaluation.metrics
     if evaluation.target_recall is None:
-        origin = "the model's own boundary"
+        origin = "the fewest balanced errors on validation"
     else:
         origin = f"chosen on validation for defect recall >= {evaluation.target_recall}"
     text = (

@@ -92,10 +92,11 @@ def test_the_tradeoff_table_prices_each_target_recall_and_warns_past_a_third():
     scores = np.concatenate([rng.uniform(0.55, 1.0, 36), rng.uniform(0.0, 0.2, 4),
                              rng.uniform(0.0, 0.45, 80)])  # fmt: skip
     table = tradeoff(labels, scores, labels, scores, targets=(0.9, 0.99))
-    assert list(table["target_recall"]) == ["none (0.5)", "0.90", "0.99"]
-    assert table["threshold"].iloc[0] == 0.5
-    assert table["val_recall"].iloc[1] >= 0.9 and table["val_recall"].iloc[2] >= 0.99
-    assert table["val_false_alarms"].is_monotonic_increasing  # more recall, more alarms
+    names = ["balanced (default)", "boundary 0.5", "0.90", "0.99"]
+    assert list(table["target_recall"]) == names
+    assert table["threshold"].iloc[1] == 0.5
+    assert table["val_recall"].iloc[2] >= 0.9 and table["val_recall"].iloc[3] >= 0.99
+    assert table["val_false_alarms"].iloc[1:].is_monotonic_increasing  # recall costs alarms
     frame = pd.DataFrame(
         {"image_path": ["x"] * 120, "label": labels, "defect_type": ["defect"] * 40 + ["none"] * 80}
     )
@@ -109,4 +110,21 @@ def test_the_tradeoff_table_prices_each_target_recall_and_warns_past_a_third():
     assert costly.warning.startswith(f"warning: threshold {threshold:.3f} flags")
     summary = summary_markdown(costly, [], "t")
     assert "## Operating points" in summary and costly.warning in summary
-    assert choose_threshold(labels, scores, None) == 0.5
+    # no target: the fewest balanced errors, mid-gap (here the classes overlap: 4 defects hide)
+    balanced = choose_threshold(labels, scores, None)
+    assert 0.2 < balanced < 0.55
+
+
+def test_the_default_threshold_has_the_fewest_balanced_errors_mid_gap():
+    from qi.evaluation.operating_point import balanced_threshold
+
+    # separated classes: the middle, in logit space, of the gap between them
+    labels = np.array([0, 0, 0, 1, 1])
+    scores = np.array([0.01, 0.05, 0.1, 0.4, 0.9])
+    assert balanced_threshold(labels, scores) == pytest.approx(_logit_midpoint(0.1, 0.4))
+    # one good part among the defects: misclassify it rather than two defects, and a rare
+    # class counts as much as a common one (1 of 2 defects weighs more than 1 of 8 good parts)
+    labels = np.array([0] * 8 + [1, 1])
+    scores = np.array([0.01, 0.02, 0.03, 0.04, 0.05, 0.06, 0.07, 0.5, 0.3, 0.6])
+    assert balanced_threshold(labels, scores) == pytest.approx(_logit_midpoint(0.07, 0.3))
+    assert balanced_threshold(np.array([0, 0]), np.array([0.1, 0.2])) == 0.5

@@ -1,0 +1,47 @@
+"""Features of a frozen encoder: cached once, keyed on pixels and weights, and what the
+served network computes."""
+
+import numpy as np
+import pytest
+import torch
+
+from qi.config import ModelConfig
+from qi.data import embeddings as cache
+from qi.models import build_model
+
+
+@pytest.fixture
+def frozen_lite():
+    return build_model(ModelConfig(name="efficientnet_lite0", finetune="head"), 1, 64)
+
+
+def _images(seed: int, n: int = 5) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 255, (n, 64, 64, 1), dtype=np.uint8)
+
+
+def test_features_are_computed_once_and_keyed_on_pixels_and_weights(frozen_lite, session_cache):
+    images = _images(0)
+    first = cache.embeddings(frozen_lite, images, views=2, progress=False)
+    assert first.shape == (2, 5, frozen_lite.encoder.feature_dim)
+    files = sorted((session_cache / "embeddings").glob("*.npy"))
+    again = cache.embeddings(frozen_lite, images, views=2, progress=False)
+    assert np.array_equal(first, again)
+    assert sorted((session_cache / "embeddings").glob("*.npy")) == files  # nothing new
+    # other pixels (another preprocessing) or other weights: never the cached features
+    other_pixels = cache.embeddings(frozen_lite, _images(1), views=1, progress=False)
+    assert not np.allclose(other_pixels[0], first[0])
+    with torch.no_grad():
+        frozen_lite.encoder.model._conv_head.weight.mul_(1.5)
+    other_weights = cache.embeddings(frozen_lite, images, views=1, progress=False)
+    assert not np.allclose(other_weights[0], first[0])
+    assert len(list((session_cache / "embeddings").glob("*.npy"))) == len(files) + 2
+
+
+def test_views_are_the_flips_and_rotations_the_network_sees(frozen_lite):
+    images = _images(2, n=3)
+    features = cache.embeddings(frozen_lite, images, views=8, progress=False)
+    frozen_lite.eval()
+    with torch.no_grad():
+        rotated = torch.from_numpy(images).permute(0, 3, 1, 2).transpose(-1, -2)  # view 4
+        direct = frozen_lite.embed(rotated).numpy()
+    assert np.allclose(features[4], direct, rtol=2e-3, atol=2e-3)  # stored as float16
