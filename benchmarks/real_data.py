@@ -202,7 +202,28 @@ def default_study(data_dir: Path, env: dict[str, str], args) -> list[str]:
         f"| peak memory | {peak} MiB |",
         f"| trials | {trials} |",
         f"| best trial | {best} |",
+        "",
+        "| trial | state | model | val objective | seconds |",
+        "| --- | --- | --- | --- | --- |",
     ]
+    children = mlflow.search_runs(
+        experiment_names=["bench"],
+        filter_string="tags.`qi.kind` = 'trial'",
+        output_format="list",
+    )
+    for run in sorted(children, key=lambda r: int(r.data.tags["qi.trial_number"])):
+        p, m, t = run.data.params, run.data.metrics, run.data.tags
+        model = p.get("model.name", "?")
+        if model != "cnn":
+            model += f" {p.get('model.finetune')}"
+        state = t.get("qi.trial_state", "?")
+        if "qi.pruned_by" in t:
+            state += f" ({t['qi.pruned_by']})"
+        seconds = (run.info.end_time - run.info.start_time) / 1000 if run.info.end_time else 0
+        objective = m.get("objective", float("nan"))
+        lines.append(
+            f"| {t['qi.trial_number']} | {state} | {model} | {objective:.3f} | {seconds:.0f} |"
+        )
     return lines
 
 

@@ -119,11 +119,22 @@ def decide(candidate: float, incumbent: float | None, force: bool) -> tuple[str,
 
 
 def promote(
-    name: str, version: str, test_frame: pd.DataFrame, metric: str = "f1", force: bool = False
+    name: str,
+    version: str,
+    test_frame: pd.DataFrame,
+    metric: str = "f1",
+    force: bool = False,
+    candidate_score: float | None = None,
 ) -> PromotionDecision:
-    """Score candidate and champion on ``test_frame`` and move the aliases accordingly."""
+    """Score candidate and champion on ``test_frame`` and move the aliases accordingly.
+
+    ``candidate_score``: the candidate's ``metric`` on ``test_frame`` when the caller already
+    has it from the very network and preprocessing the version serves (the study's
+    evaluation), so the test images are not scored twice.
+    """
     client = mlflow.MlflowClient()
-    candidate_score = score_model(f"models:/{name}/{version}", test_frame, metric)
+    if candidate_score is None:
+        candidate_score = score_model(f"models:/{name}/{version}", test_frame, metric)
     current = champion(name)
     incumbent_score = None
     if current is not None and str(current.version) == str(version):

@@ -147,6 +147,8 @@ def register_best(
         prepared.split_frame("test"),
         base.evaluation.promotion_metric,
         base.evaluation.force_promote,
+        # the evaluation scored these test images with the network the version serves
+        candidate_score=float(evaluation.metrics[base.evaluation.promotion_metric]),
     )
     mlflow.set_tags(
         {

@@ -277,18 +277,21 @@ FROZEN_HEAD = {
     "name": "efficientnet_lite0",
     "finetune": "head",
     "pooling": "avgmax",
-    "head_hidden": 0,
     "test_time_views": 8,
 }
 
 
 def starting_trials(base: RunConfig, space: SearchSpace) -> list[dict]:
-    """What a new study runs first, cheap before dear: a head on frozen pretrained features
+    """What a new study runs first, cheap before dear: heads on frozen pretrained features
     (seconds per fit once the features are cached), then `qi train`'s configuration; each
     only where the search space holds it."""
-    head = replace(base, model=replace(base.model, **FROZEN_HEAD))
-    head = replace(head, data=replace(head.data, image_size=space.backbone_image_sizes[0]))
-    candidates = [params_of(head), params_of(base)]
+    heads = []
+    for hidden in (0, 256):  # a linear head, then one hidden layer
+        head = replace(base, model=replace(base.model, **FROZEN_HEAD, head_hidden=hidden))
+        heads.append(
+            replace(head, data=replace(head.data, image_size=space.backbone_image_sizes[0]))
+        )
+    candidates = [*(params_of(h) for h in heads), params_of(base)]
     return [c for c in candidates if _inside(c, space)]
 
 

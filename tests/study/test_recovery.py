@@ -31,6 +31,8 @@ def _tune_command(data_dir, storage, n_trials):
         "16",
         "--pruner",
         "none",
+        "--models",
+        "cnn",
         "--timeout",
         "0",
         "--study-name",

@@ -8,7 +8,7 @@ import optuna
 import pytest
 from optuna.trial import FixedTrial, TrialState
 
-from qi.config import RunConfig, SearchSpace, TuneConfig
+from qi.config import DataConfig, ModelConfig, RunConfig, SearchSpace, TuneConfig
 from qi.options import json_objects
 from qi.study import best_trial, tune
 from qi.study.setup import (
@@ -20,7 +20,10 @@ from qi.study.setup import (
     suggest_params,
 )
 
-TINY_SPACE = SearchSpace(batch_sizes=(16,), depth=(2, 3), widths=(4, 8), image_sizes=(32,))
+# the study's mechanics on CNNs alone; the backbones' part of the space has its own tests
+TINY_SPACE = SearchSpace(
+    batch_sizes=(16,), depth=(2, 3), widths=(4, 8), image_sizes=(32,), models=("cnn",)
+)
 
 
 def test_params_map_onto_the_config():
@@ -233,8 +236,10 @@ def test_a_trial_cut_by_the_deadline_is_pruned_once_the_study_has_a_model(tiny_c
     run = client.get_run(trial_1.user_attrs["mlflow_run_id"])
     assert run.info.status == "KILLED"
     assert run.data.tags["qi.trial_state"] == "pruned"
-    assert run.data.tags["qi.pruned_by"] == "deadline"
-    assert 0 < run.data.metrics["epochs_run"] < 400
+    # stopped by the deadline, or sooner by the budget check: at its pace it could not reach
+    # epoch 200 (where early stopping may act) in 3 s
+    assert run.data.tags["qi.pruned_by"] in ("deadline", "budget")
+    assert 0 < len(client.get_metric_history(run.info.run_id, "val/loss")) < 400
     assert second.best_trial.number == 0
 
 
@@ -251,3 +256,89 @@ def test_same_seed_same_trial_params(tiny_config):
             tune(tiny_config, replace(config, start_with_defaults=False), progress=False).study
         )
     assert [t.params for t in studies[0].trials] == [t.params for t in studies[1].trials]
+
+
+def test_the_space_is_conditional_on_the_kind_of_model():
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=1))
+    kinds = set()
+    for _ in range(60):
+        params = suggest_params(study.ask(), SearchSpace())
+        config = apply_params(RunConfig(), params)
+        if params["model.name"] == "cnn":
+            kinds.add("cnn")
+            assert "model.finetune" not in params and "model.depth" in params
+            assert config.data.image_size in SearchSpace().image_sizes
+        elif params["model.finetune"] == "head":
+            kinds.add("head")
+            # augmentation is the cached views; what varies is the head and the test views
+            assert "data.augmentation" not in params and "model.test_time_views" in params
+            assert config.data.image_size == 224
+        else:
+            kinds.add("fine-tune")
+            assert "train.encoder_lr_scale" in params and "data.augmentation" in params
+    assert kinds == {"cnn", "head", "fine-tune"}
+
+
+def test_a_new_study_starts_cheap_then_with_qi_trains_configuration():
+    from qi.study.setup import starting_trials
+
+    linear, hidden, second = starting_trials(RunConfig(), SearchSpace())
+    head = apply_params(RunConfig(), linear)
+    assert head.model.name == "efficientnet_lite0" and head.model.finetune == "head"
+    assert head.model.test_time_views == 8 and head.model.head_hidden == 0
+    assert apply_params(RunConfig(), hidden).model.head_hidden == 256
+    assert apply_params(RunConfig(), second) == RunConfig()
+    (only,) = starting_trials(RunConfig(), SearchSpace(models=("cnn",)))
+    assert only == second
+
+
+def test_backbones_do_not_look_at_images_larger_than_the_files():
+    from qi.study.trials import no_larger_than_the_files
+
+    config = RunConfig(
+        model=ModelConfig(name="efficientnet_lite0"), data=DataConfig(image_size=224)
+    )
+    assert no_larger_than_the_files(config, 128).data.image_size == 128
+    assert no_larger_than_the_files(config, 100).data.image_size == 128  # next multiple of 32
+    assert no_larger_than_the_files(config, 300).data.image_size == 224
+    assert no_larger_than_the_files(RunConfig(), 64).data.image_size == 128  # a CNN: as asked
+
+
+def test_a_trial_that_cannot_finish_in_the_budget_stops_after_an_epoch():
+    import time
+
+    import lightning.pytorch as pl
+    import torch
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from qi.study.trials import BudgetCheck, BudgetPruned
+
+    class Slow(pl.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.weight = torch.nn.Parameter(torch.zeros(1))
+
+        def training_step(self, batch, batch_idx):
+            time.sleep(0.3)
+            return (self.weight * batch[0]).sum()
+
+        def validation_step(self, batch, batch_idx):
+            self.log("val/loss", 1.0)
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.0)
+
+    def fit(may_stop: bool) -> int:
+        # 10 epochs of 0.3 s must run before early stopping may act; 1 s is left
+        check = BudgetCheck(time.monotonic() + 1.0, needed_epochs=10, may_stop=lambda: may_stop)
+        loader = DataLoader(TensorDataset(torch.ones(1, 1)), batch_size=1)
+        trainer = pl.Trainer(
+            max_epochs=3, callbacks=[check], logger=False, enable_checkpointing=False,
+            enable_progress_bar=False, enable_model_summary=False, accelerator="cpu",
+        )  # fmt: skip
+        trainer.fit(Slow(), loader, loader)
+        return trainer.current_epoch
+
+    with pytest.raises(BudgetPruned, match="cannot reach epoch 10"):
+        fit(may_stop=True)
+    assert fit(may_stop=False) == 3  # the study's first model is never stopped

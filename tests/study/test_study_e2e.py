@@ -86,7 +86,7 @@ def test_two_workers_share_one_study(tiny_casting, tmp_path):
     env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_RUN")}
     env["MLFLOW_TRACKING_URI"] = uri
     space = tmp_path / "space.json"
-    space.write_text(json.dumps({k: v for k, v in TINY_SPACE.items() if k != "models"}))
+    space.write_text(json.dumps({**TINY_SPACE, "models": ["cnn"]}))
     command = [
         sys.executable,
         "-m",
