@@ -7,9 +7,11 @@ rotated views (:func:`qi.data.augmentation.dihedral_view`), the same copies a tr
 would show the network.
 
 The cache key is a digest of the pixels themselves (so of the files and the preprocessing),
-of the encoder's weights and buffers, of its class and pooling, and of the view: features of
-other weights or other preprocessing are never reused. Entries are ``.npy`` files of float16
-``(N, D)`` arrays in ``<cache_dir>/embeddings``, written atomically (parallel workers).
+of the encoder's weights and buffers, of its class and of the view: features of other weights
+or other preprocessing are never reused. Average and max pooled features are stored side by
+side, so trials that differ in pooling share one pass of the encoder. Entries are ``.npy``
+files of float16 ``(N, D)`` arrays in ``<cache_dir>/embeddings``, written atomically (parallel
+workers).
 """
 
 from __future__ import annotations
@@ -38,10 +40,8 @@ def array_digest(images: np.ndarray) -> str:
 
 
 def module_digest(module: torch.nn.Module) -> str:
-    """Digest of a module's weights and buffers, its class and its pooling."""
+    """Digest of a module's class, weights and buffers."""
     digest = hashlib.sha256(f"{FORMAT}{type(module).__name__}".encode())
-    pool = getattr(module, "pool", None)
-    digest.update(str(getattr(pool, "kind", "")).encode())
     for name, tensor in module.state_dict().items():
         digest.update(name.encode())
         digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
@@ -54,13 +54,30 @@ def _device() -> torch.device:
 
 @torch.inference_mode()
 def _compute(net, images: np.ndarray, view: int, progress: bool, device) -> np.ndarray:
+    """Average and max pooled features, side by side (every pooling is a slice of them)."""
+    pool = net.encoder.pool
+    kind, pool.kind = pool.kind, "avgmax"
     out = []
-    batches = range(0, len(images), BATCH)
-    for start in tqdm(batches, desc=f"features, view {view}", unit="batch", disable=not progress):
-        chunk = torch.from_numpy(images[start : start + BATCH]).permute(0, 3, 1, 2)
-        chunk = dihedral_view(chunk.to(device), view).contiguous(memory_format=torch.channels_last)
-        out.append(net.embed(chunk).float().cpu().numpy().astype(np.float16))
-    return np.concatenate(out) if out else np.zeros((0, net.encoder.feature_dim), np.float16)
+    try:
+        batches = range(0, len(images), BATCH)
+        for start in tqdm(
+            batches, desc=f"features, view {view}", unit="batch", disable=not progress
+        ):
+            chunk = torch.from_numpy(images[start : start + BATCH]).permute(0, 3, 1, 2)
+            chunk = dihedral_view(chunk.to(device), view).contiguous(
+                memory_format=torch.channels_last
+            )
+            out.append(net.embed(chunk).float().cpu().numpy().astype(np.float16))
+    finally:
+        pool.kind = kind
+    width = net.encoder.feature_dim // pool.multiplier * 2
+    return np.concatenate(out) if out else np.zeros((0, width), np.float16)
+
+
+def _pooled(features: np.ndarray, kind: str) -> np.ndarray:
+    """The ``kind`` pooling's part of average-and-max features."""
+    half = features.shape[-1] // 2
+    return {"avg": features[..., :half], "max": features[..., half:]}.get(kind, features)
 
 
 def embeddings(net, images: np.ndarray, views: int, progress: bool = True) -> np.ndarray:
@@ -87,7 +104,7 @@ def embeddings(net, images: np.ndarray, views: int, progress: bool = True) -> np
             result.append(features)
     finally:
         net.to("cpu").train(was_training)
-    return np.stack(result).astype(np.float32)
+    return _pooled(np.stack(result), net.encoder.pool.kind).astype(np.float32)
 
 
 def module_digest_norm(net) -> str:

@@ -45,3 +45,18 @@ def test_views_are_the_flips_and_rotations_the_network_sees(frozen_lite):
         rotated = torch.from_numpy(images).permute(0, 3, 1, 2).transpose(-1, -2)  # view 4
         direct = frozen_lite.embed(rotated).numpy()
     assert np.allclose(features[4], direct, rtol=2e-3, atol=2e-3)  # stored as float16
+
+
+def test_trials_that_differ_in_pooling_share_one_pass_of_the_encoder(session_cache):
+    images = _images(3)
+    both = build_model(ModelConfig(name="efficientnet_lite0", finetune="head"), 1, 64)
+    features = cache.embeddings(both, images, views=1, progress=False)
+    files = set((session_cache / "embeddings").glob("*.npy"))
+    for kind, part in (("avg", slice(None, 1280)), ("max", slice(1280, None))):
+        single = build_model(
+            ModelConfig(name="efficientnet_lite0", finetune="head", pooling=kind), 1, 64
+        )
+        pooled = cache.embeddings(single, images, views=1, progress=False)
+        assert pooled.shape[-1] == single.encoder.feature_dim == 1280
+        assert np.array_equal(pooled, features[..., part])
+    assert set((session_cache / "embeddings").glob("*.npy")) == files
