@@ -253,6 +253,11 @@ class EvaluationConfig(Checked):
         choices=_promotion_metrics,
         noun="promotion metric",
     )
+    try_test_time_views: bool = option(
+        True,
+        "Studies: score the best model also with 8 flips/rotations per image and keep them "
+        "when they lower the validation log loss (8 forward passes per image in production).",
+    )
     register: bool = option(True, "Register the best model.")
     force_promote: bool = option(
         False, "Make the new version champion whatever the comparison says.", negatable=False

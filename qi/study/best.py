@@ -19,6 +19,7 @@ from optuna.trial import TrialState
 from qi.config import RunConfig, TuneConfig
 from qi.data.datamodule import PreparedData
 from qi.evaluation import Evaluation, evaluate
+from qi.evaluation.operating_point import views_on_validation
 from qi.evaluation.report import log_evaluation
 from qi.registry import PromotionDecision, promote, register, registry_lock, version_of_trial_run
 from qi.serving import log_inspection_model
@@ -86,6 +87,11 @@ def finish_best(
             prepared.digest,
         )
     settings = base.evaluation
+    if settings.try_test_time_views and net.test_time_views == 1:
+        views = views_on_validation(net, *prepared.split("val"))
+        net.test_time_views = views
+        spec = replace(spec, model=replace(spec.model, test_time_views=views))
+        mlflow.log_param("best.test_time_views", views)
     evaluation = evaluate(net, prepared, settings.target_recall)
     log_evaluation(
         evaluation, parent_run_id, title=f"Study {config.study_name}: best trial {best.number}"

@@ -128,3 +128,27 @@ def test_the_default_threshold_has_the_fewest_balanced_errors_mid_gap():
     scores = np.array([0.01, 0.02, 0.03, 0.04, 0.05, 0.06, 0.07, 0.5, 0.3, 0.6])
     assert balanced_threshold(labels, scores) == pytest.approx(_logit_midpoint(0.07, 0.3))
     assert balanced_threshold(np.array([0, 0]), np.array([0.1, 0.2])) == 0.5
+
+
+def test_test_time_views_are_kept_only_when_they_lower_the_validation_log_loss():
+    import torch
+    from sklearn.metrics import log_loss
+
+    from qi.config import ModelConfig
+    from qi.evaluation.operating_point import views_on_validation
+    from qi.inference import defect_probabilities
+    from qi.models import build_model
+
+    torch.manual_seed(0)
+    net = build_model(ModelConfig(depth=2, width=4), 1, 16).eval()
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 255, (12, 16, 16, 1), dtype=np.uint8)
+    labels = np.array([0, 1] * 6)
+    losses = {}
+    for views in (1, 8):
+        net.test_time_views = views
+        losses[views] = log_loss(labels, np.clip(defect_probabilities(net, images), 1e-7, 1))
+    net.test_time_views = 1
+    assert views_on_validation(net, images, labels) == min(losses, key=losses.get)
+    assert net.test_time_views == 1  # the choice is returned, not applied
+    assert views_on_validation(net, images, np.zeros(12, int)) == 1  # one class: no test
