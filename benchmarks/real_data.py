@@ -92,6 +92,14 @@ def write_elpv(cells: str, out: Path) -> Path:
     return out
 
 
+def elpv_installed() -> bool:
+    try:
+        import elpv_dataset  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
 def write_stand_in(out: Path) -> Path:
     """A small synthetic class-folder set for --quick without elpv-dataset installed."""
     from qi.config import SynthConfig
@@ -146,20 +154,16 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="qi-real-") as tmp:
         root = Path(tmp)
         data_dir = Path(args.data_dir) if args.data_dir else root / f"elpv-{args.cells}"
-        try:
-            import elpv_dataset  # noqa: F401
-
+        if args.data_dir:
+            source = f"the images in {args.data_dir}"
+        elif elpv_installed():
             source = f"ELPV {args.cells} cells, 75/25 stratified split, seed {SEED}"
-            if args.data_dir:
-                source = f"the images in {args.data_dir}"
-            else:
-                write_elpv(args.cells, data_dir)
-        except ImportError:
-            if not args.quick:
-                missing = 'elpv-dataset is not installed: pip install -e ".[bench]"'
-                raise SystemExit(missing) from None
+            write_elpv(args.cells, data_dir)
+        elif args.quick:
             source = "synthetic stand-in (elpv-dataset not installed)"
             write_stand_in(data_dir)
+        else:
+            raise SystemExit('elpv-dataset is not installed: pip install -e ".[bench]"')
         uri = f"sqlite:///{root / 'mlflow.db'}"
         env = interpreter_env(MLFLOW_TRACKING_URI=uri)
         if not args.warm:

@@ -123,7 +123,7 @@ def _signature(threshold: float) -> mlflow.models.ModelSignature:
 
 def pip_requirements() -> list[str]:
     """Pinned versions of what the served model imports (not the training stack)."""
-    from importlib.metadata import version
+    from importlib.metadata import PackageNotFoundError, version
 
     names = [
         "torch",
@@ -135,7 +135,16 @@ def pip_requirements() -> list[str]:
         "pandas",
         "mlflow",
     ]
-    return [f"{name}=={version(name)}" for name in names]
+    pins = []
+    for name in names:
+        try:
+            pins.append(f"{name}=={version(name)}")
+        except PackageNotFoundError:  # e.g. mlflow-skinny in place of mlflow
+            if name == "mlflow":
+                pins.append(f"mlflow-skinny=={version('mlflow-skinny')}")
+            else:
+                raise
+    return pins
 
 
 def log_inspection_model(
