@@ -76,7 +76,7 @@ def main() -> None:
     synth, space, epochs = SynthConfig(), TuneConfig().space, TuneConfig.epochs
     if args.quick:
         synth = SynthConfig(n_train=80, n_test=30, image_size=32)
-        space = replace(space, image_sizes=(32,), widths=(4,), depth=(2, 2))
+        space = replace(space, image_sizes=(32,), widths=(4,), depth=(2, 2), models=("cnn",))
         epochs = 1
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
