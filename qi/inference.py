@@ -9,6 +9,7 @@ threshold.
 from __future__ import annotations
 
 import base64
+import binascii
 import json
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -119,8 +120,14 @@ def prepare_batch(items: list, config: PreprocessConfig) -> np.ndarray:
 def preprocess_item(item: Any, config: PreprocessConfig) -> np.ndarray:
     if isinstance(item, (bytes, bytearray, memoryview)):
         return preprocess(decode_image(item), config, bgr=True)
-    if isinstance(item, str):  # base64 that MLflow did not decode
-        return preprocess(decode_image(base64.b64decode(item, validate=True)), config, bgr=True)
+    if isinstance(item, str):  # base64 text (REST clients)
+        try:
+            data = base64.b64decode("".join(item.split()), validate=True)
+        except binascii.Error:
+            raise ValueError(
+                "text that is not base64: send an encoded image as base64, or its bytes"
+            ) from None
+        return preprocess(decode_image(data), config, bgr=True)
     if isinstance(item, np.ndarray):
         return preprocess(checked_array(item), config, bgr=False)
     raise ValueError(f"expected encoded image bytes or a uint8 array, got {type(item).__name__}")

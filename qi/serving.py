@@ -3,20 +3,28 @@
 The model carries its preprocessing (the same :mod:`qi.inference` and
 :func:`qi.data.preprocessing.preprocess` code that training and evaluation use, shipped as
 code with the model), its architecture as JSON, its weights as a plain state dict (loaded with
-``weights_only=True``: nothing is unpickled) and its decision threshold. Callers send images,
-never tensors: a DataFrame with one column ``image`` whose cells are either
+``weights_only=True``: nothing is unpickled) and its decision threshold.
 
-* encoded PNG/JPEG/BMP/TIFF bytes (over REST: base64 strings, which MLflow decodes), or
-* uint8/uint16 arrays ``(H, W)`` or ``(H, W, C)`` of any size (colour in RGB order).
+``predict`` takes what callers naturally have, without helpers: a uint8/uint16 batch array
+``(N, H, W)`` or ``(N, H, W, C)``, one image array ``(H, W)`` or ``(H, W, 3|4)``, a list of
+arrays of any sizes or of encoded PNG/JPEG/BMP/TIFF bytes, a DataFrame with an ``image``
+column, and over REST ``dataframe_split`` / ``dataframe_records`` with base64 strings and
+``instances`` / ``inputs`` with ``{"b64": ...}`` objects. Colour arrays are RGB.
 
-MLflow enforces the signature before the model sees its input, and one signature cannot be both
-a DataFrame and a tensor, so a batch array or a list goes through :func:`as_model_input` first.
+Why the signature declares outputs and params but no input schema: MLflow enforces an input
+schema before the model sees the data, and a column schema makes a DataFrame of whatever
+comes (``pd.DataFrame`` refuses an ``(N, H, W)`` batch: "Must pass 2-d input"); a signature
+taken from type hints makes the scoring server refuse ``dataframe_split``. So the model checks
+its input itself: a bad row fails the whole call with a one-line message naming the row and
+what is wrong, which the scoring server returns as HTTP 400. The logged input example shows
+the REST form on the model's page.
 """
 
 from __future__ import annotations
 
 import io
 import tempfile
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +33,8 @@ import mlflow
 import numpy as np
 import pandas as pd
 import torch
+from mlflow.exceptions import MlflowException
+from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
 
 import qi
 from qi.inference import (
@@ -42,9 +52,30 @@ WEIGHTS_ARTIFACT = "weights"
 SPEC_ARTIFACT = "spec"
 
 
+class InvalidImageInput(MlflowException):
+    """Images a request sent that cannot be scored: HTTP 400, ``message`` naming the row.
+
+    MLflow's scoring server rewrites a model's MlflowException message as ``Failed to predict
+    data '<the whole input>'. Error: ...`` (for images: pages of base64). The message set when
+    the error is raised is kept as it is, so the client reads the row and what is wrong.
+    """
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, error_code=INVALID_PARAMETER_VALUE)
+
+    @property
+    def message(self) -> str:
+        return self._row_message
+
+    @message.setter
+    def message(self, value: str) -> None:
+        if not hasattr(self, "_row_message"):  # set once, by __init__
+            self._row_message = value
+
+
 def as_model_input(images: Any) -> pd.DataFrame:
-    """A batch array ``(N, H, W[, C])``, a list of arrays or bytes, or one image -> the
-    DataFrame the served model takes (``model.predict(as_model_input(batch))``)."""
+    """A batch array ``(N, H, W[, C])``, a list of arrays or bytes, or one image -> a
+    DataFrame with an ``image`` column. No longer needed: ``predict`` takes these directly."""
     if isinstance(images, pd.DataFrame):
         return images
     if isinstance(images, (bytes, bytearray)):
@@ -56,22 +87,87 @@ def as_model_input(images: Any) -> pd.DataFrame:
     return pd.DataFrame({IMAGE_COLUMN: list(images)})
 
 
-def _images_from_input(model_input: Any) -> list[np.ndarray | bytes]:
-    """Split a pyfunc input into per-image items; raw bytes are decoded later, per row."""
+def images_from_input(model_input: Any) -> list:
+    """Every form ``predict`` accepts -> one item per image (encoded bytes, base64 text or a
+    pixel array), checked per row later. Raises ValueError naming what is wrong."""
     if isinstance(model_input, pd.DataFrame):
-        if IMAGE_COLUMN not in model_input.columns:
+        if IMAGE_COLUMN in model_input.columns:
+            return [_item(cell) for cell in model_input[IMAGE_COLUMN]]
+        if "b64" in model_input.columns:  # TF-serving style rows: {"b64": "..."}
+            return [str(cell) for cell in model_input["b64"]]
+        raise ValueError(
+            f"the input table needs a column '{IMAGE_COLUMN}' of images; got columns "
+            f"{list(model_input.columns)}"
+        )
+    if isinstance(model_input, dict):
+        if "b64" in model_input and len(model_input) == 1:
+            value = model_input["b64"]
+            values = value if isinstance(value, (list, np.ndarray)) else [value]
+            return [str(_item(v)) for v in values]
+        if IMAGE_COLUMN not in model_input:
             raise ValueError(
-                f"input DataFrame needs a column '{IMAGE_COLUMN}' of encoded image "
-                f"bytes; got columns {list(model_input.columns)}"
+                f"the input needs the key '{IMAGE_COLUMN}'; got keys {list(model_input)}"
             )
-        return list(model_input[IMAGE_COLUMN])
+        return images_from_input(model_input[IMAGE_COLUMN])
+    if isinstance(model_input, (bytes, bytearray, memoryview, str)):
+        return [_item(model_input)]
     if isinstance(model_input, np.ndarray):
-        if model_input.ndim in (3, 4):
-            return list(model_input)
-        raise ValueError(f"image array must be (N, H, W) or (N, H, W, C), got {model_input.shape}")
-    if isinstance(model_input, list):
-        return model_input
-    raise ValueError(f"unsupported input type {type(model_input).__name__}")
+        return _items_of_array(model_input)
+    if isinstance(model_input, (list, tuple, pd.Series)):
+        return [_item(cell) for cell in model_input]
+    raise ValueError(
+        f"cannot read images from a {type(model_input).__name__}: send an image array, a "
+        f"batch array, a list of arrays or encoded bytes, or a table with a column "
+        f"'{IMAGE_COLUMN}'"
+    )
+
+
+def _items_of_array(array: np.ndarray) -> list:
+    if array.dtype == object or array.dtype.kind in "SU":  # an array of cells
+        return [_item(cell) for cell in array.reshape(-1)]
+    if array.ndim == 1 and array.dtype == np.uint8:  # the bytes of an encoded file
+        return [array.tobytes()]
+    if array.ndim == 2 or (array.ndim == 3 and array.shape[2] in (3, 4)):
+        return [_item(array)]  # one image: (H, W) gray, (H, W, 3) RGB or (H, W, 4) RGBA
+    if array.ndim in (3, 4):
+        return [_item(image) for image in array]  # a batch: (N, H, W) or (N, H, W, C)
+    raise ValueError(
+        f"{array.ndim}-D array of shape {array.shape}: send one image (H, W) or (H, W, C), "
+        "or a batch (N, H, W) or (N, H, W, C)"
+    )
+
+
+def _item(cell: Any) -> Any:
+    """One image as its caller sent it, with the wrappers of JSON clients taken off."""
+    if isinstance(cell, np.ndarray) and cell.ndim == 0:  # how MLflow wraps JSON objects
+        cell = cell.item()
+    if isinstance(cell, dict):
+        if "b64" not in cell:
+            raise ValueError(f"an image object needs the key 'b64'; got keys {list(cell)}")
+        return str(_item(cell["b64"]))
+    if isinstance(cell, list):  # pixels as JSON arrays
+        return _pixels(np.asarray(cell))
+    if isinstance(cell, np.ndarray) and cell.dtype.kind in "iu":
+        return cell if cell.dtype in (np.uint8, np.uint16) else _pixels(cell)
+    return cell
+
+
+def _pixels(array: np.ndarray) -> np.ndarray:
+    """Whole-number pixels of another integer type (JSON arrays, int64) as uint8, or uint16
+    when they need it; floats stay floats, to be refused by name."""
+    if array.dtype.kind not in "iu":
+        return array
+    low, high = (int(array.min()), int(array.max())) if array.size else (0, 0)
+    if low < 0 or high > 65535:
+        raise ValueError(f"pixel values {low}..{high}: send 0..255 (or 0..65535)")
+    return array.astype(np.uint8 if high <= 255 else np.uint16)
+
+
+# MLflow asks for type hints on ``predict``; a type-hinted signature would make its scoring
+# server refuse ``dataframe_split`` (see the module docstring), so qi checks its input itself.
+# The advice is recorded and dropped: MLflow's own filter ("once") would override ours.
+_type_hint_advice = warnings.catch_warnings(record=True)
+_type_hint_advice.__enter__()
 
 
 class InspectionModel(mlflow.pyfunc.PythonModel):
@@ -85,17 +181,33 @@ class InspectionModel(mlflow.pyfunc.PythonModel):
         self.net = load_network(self.spec, Path(context.artifacts[WEIGHTS_ARTIFACT]))
 
     def predict(self, context, model_input, params: dict[str, Any] | None = None) -> pd.DataFrame:
-        requested = (params or {}).get("threshold")
+        params = params or {}
+        requested = params.get("threshold")
         threshold = self.spec.threshold if requested is None else float(requested)
-        batch = prepare_batch(_images_from_input(model_input), self.spec.preprocess)
+        try:
+            items = images_from_input(model_input)
+            if not items:
+                raise ValueError("empty batch: send at least one image")
+            batch = prepare_batch(items, self.spec.preprocess)
+        except ValueError as exc:
+            raise InvalidImageInput(str(exc)) from None
         probabilities = defect_probabilities(self.net, batch)
-        return pd.DataFrame(
+        frame = pd.DataFrame(
             {
                 "label": label_names(decide(probabilities, threshold)),
                 "defect_probability": probabilities.astype(np.float64),
                 "threshold": threshold,
             }
         )
+        if params.get("explain"):
+            from qi.explain import heatmaps, overlay_png
+
+            maps = heatmaps(self.net, batch)
+            frame["heatmap"] = [overlay_png(i, m) for i, m in zip(batch, maps, strict=True)]
+        return frame
+
+
+_type_hint_advice.__exit__(None, None, None)
 
 
 def encode_png(image: np.ndarray) -> bytes:
@@ -106,18 +218,21 @@ def encode_png(image: np.ndarray) -> bytes:
 
 
 def _signature(threshold: float) -> mlflow.models.ModelSignature:
+    """Outputs and params; no input schema (see the module docstring)."""
     from mlflow.types.schema import ColSpec, ParamSchema, ParamSpec, Schema
 
     return mlflow.models.ModelSignature(
-        inputs=Schema([ColSpec("binary", IMAGE_COLUMN)]),
         outputs=Schema(
             [
                 ColSpec("string", "label"),
                 ColSpec("double", "defect_probability"),
                 ColSpec("double", "threshold"),
+                ColSpec("binary", "heatmap", required=False),  # with params={"explain": true}
             ]
         ),
-        params=ParamSchema([ParamSpec("threshold", "double", threshold)]),
+        params=ParamSchema(
+            [ParamSpec("threshold", "double", threshold), ParamSpec("explain", "boolean", False)]
+        ),
     )
 
 

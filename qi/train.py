@@ -95,7 +95,13 @@ def train(config: RunConfig, progress: bool = True) -> TrainOutcome:
         evaluation = None
         if (data.frame["split"] == "test").any():
             evaluation = evaluate(result.net, data, config.evaluation.target_recall)
-            log_evaluation(evaluation, run_id, title="qi train: test evaluation")
+            log_evaluation(
+                evaluation,
+                run_id,
+                title="qi train: test evaluation",
+                net=result.net,
+                preprocess=data.preprocess,
+            )
         model_uri = None
         if config.tracking.log_model:
             threshold = evaluation.threshold if evaluation else 0.5

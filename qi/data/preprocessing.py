@@ -8,6 +8,7 @@ uint8 array ``(size, size, channels)``. Normalisation to floats happens inside t
 from __future__ import annotations
 
 import io
+import re
 import warnings
 from dataclasses import dataclass
 
@@ -65,13 +66,18 @@ def check_declared_size(data: bytes | bytearray | memoryview) -> None:
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             with Image.open(io.BytesIO(data)) as image:
                 width, height = image.size
-    except Image.DecompressionBombError as exc:
-        raise ImageDecodeError(f"decompression bomb refused: {exc}") from exc
+    except Image.DecompressionBombError as exc:  # Pillow names the pixel count only
+        pixels = re.search(r"\((\d+) pixels\)", str(exc))
+        count = pixels.group(1) if pixels else "too many"
+        raise ImageDecodeError(
+            f"image of {count} pixels is over the {MAX_PIXELS} pixel limit: send it downscaled"
+        ) from None
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError):
         return
     if width * height > MAX_PIXELS:
         raise ImageDecodeError(
-            f"image of {width}x{height} pixels is over the {MAX_PIXELS} pixel limit"
+            f"image of {width}x{height} pixels is over the {MAX_PIXELS} pixel limit: send it "
+            "downscaled"
         )
 
 

@@ -8,7 +8,7 @@ pictures of a round cast impeller under slightly varying light, with the same fo
       train/ok_front/cast_ok_0_3.png
       test/def_front/...
       test/ok_front/...
-      defect_types.csv      path,split,label,defect_type,subtle
+      defect_types.csv      path,split,label,defect_type,subtle,x0,y0,x1,y1 (the defect's box)
 
 Each image is rendered from a height map (disc, rim, hub, bore, blades, sand-cast texture) lit
 by a random light, so defects that change the surface (pits, trenches, burrs, a bite out of the
@@ -41,6 +41,9 @@ DEFECT_TYPES = ("blow_hole", "crack", "scratch_burr", "chipped_edge", "pin_holes
 OK_FOLDER = "ok_front"
 DEFECT_FOLDER = "def_front"
 MANIFEST = "defect_types.csv"
+# the defect's box in the manifest, pixels of the written image (empty for good parts)
+REGION_COLUMNS = ("x0", "y0", "x1", "y1")
+_FORMAT = 2  # of the written set: 2 added the defect boxes
 _COMPLETE_MARKER = ".complete.json"
 
 
@@ -209,16 +212,32 @@ def render_casting(
     size: int, seed: int, defect_type: str | None, subtle: bool = False
 ) -> np.ndarray:
     """One grayscale casting image (uint8, ``size`` x ``size``), deterministic for ``seed``."""
+    return render_casting_with_region(size, seed, defect_type, subtle)[0]
+
+
+def render_casting_with_region(
+    size: int, seed: int, defect_type: str | None, subtle: bool = False
+) -> tuple[np.ndarray, tuple[int, int, int, int] | None]:
+    """The image and, for a defect, the box ``(x0, y0, x1, y1)`` (pixels, inclusive) of every
+    pixel the defect changed: where an explanation of the decision should point."""
     part_rng = np.random.default_rng(seed)
     canvas = Canvas(size, part_rng)
     canvas.draw_part()
+    region = None
     if defect_type is not None:
+        before = canvas.height.copy(), canvas.albedo.copy(), canvas.part.copy()
         # a stream of its own: the defective image is its good twin plus the defect
         canvas.rng = np.random.default_rng([seed, 1])
         scale = canvas.rng.uniform(0.55, 0.7) if subtle else canvas.rng.uniform(0.9, 1.2)
         _DEFECT_PAINTERS[defect_type](canvas, scale)
         canvas.rng = part_rng
-    return canvas.render()
+        changed = np.zeros((size, size), bool)
+        for old, new in zip(before, (canvas.height, canvas.albedo, canvas.part), strict=True):
+            changed |= np.abs(new - old) > 1e-3
+        if changed.any():
+            ys, xs = np.nonzero(changed)
+            region = (int(xs.min()), int(ys.min()), int(xs.max()), int(ys.max()))
+    return canvas.render(), region
 
 
 def _image_seed(seed: int, split: str, index: int) -> int:
@@ -263,16 +282,18 @@ def generate(out_dir: Path, config: SynthConfig = SynthConfig(), progress: bool 
     for folder in {Path(row["path"]).parent for row in rows}:
         (out_dir / folder).mkdir(parents=True, exist_ok=True)
     for row in tqdm(rows, desc="synthesising castings", disable=not progress, unit="img"):
-        image = render_casting(
+        image, region = render_casting_with_region(
             config.image_size,
             row["seed"],
             None if row["defect_type"] == "none" else row["defect_type"],
             row["subtle"],
         )
+        row.update(zip(REGION_COLUMNS, region or ("",) * 4, strict=True))
         if not cv2.imwrite(str(out_dir / row["path"]), image):
             raise OSError(f"could not write {out_dir / row['path']}: check space and permissions")
     with open(out_dir / MANIFEST, "w", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=["path", "split", "label", "defect_type", "subtle"])
+        fields = ["path", "split", "label", "defect_type", "subtle", *REGION_COLUMNS]
+        writer = csv.DictWriter(fh, fieldnames=fields)
         writer.writeheader()
         for row in rows:
             writer.writerow({k: row[k] for k in writer.fieldnames})
@@ -282,7 +303,8 @@ def generate(out_dir: Path, config: SynthConfig = SynthConfig(), progress: bool 
 
 def default_dataset(config: SynthConfig = SynthConfig(), progress: bool = True) -> Path:
     """The embedded data set for ``config``, generated once into the qi cache and reused."""
-    key = hashlib.sha256(json.dumps(asdict(config), sort_keys=True).encode()).hexdigest()[:12]
+    described = json.dumps({**asdict(config), "format": _FORMAT}, sort_keys=True)
+    key = hashlib.sha256(described.encode()).hexdigest()[:12]
     target = cache_dir() / "synthetic" / f"casting-{key}"
     if (target / _COMPLETE_MARKER).exists():
         return target

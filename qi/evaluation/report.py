@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 import matplotlib
@@ -86,33 +87,92 @@ def plot_curves(evaluation: Evaluation, path: Path) -> Path:
     return path
 
 
-def plot_misclassified(evaluation: Evaluation, path: Path) -> Path | None:
+def _truth(row) -> str:
+    truth = LABELS[int(row["label"])]
+    if row["defect_type"] not in ("none", "defect"):
+        truth = f"{truth} ({row['defect_type']})"
+    return truth
+
+
+def plot_misclassified(
+    evaluation: Evaluation, path: Path, explainer: Callable | None = None
+) -> Path | None:
+    """The most confident mistakes; with an explainer, each beside its Grad-CAM overlay."""
     wrong = np.flatnonzero(evaluation.predicted != evaluation.labels)
     if wrong.size == 0:
         return None
     # the most confident mistakes first: those say most about the model
     wrong = wrong[np.argsort(-np.abs(evaluation.scores[wrong] - evaluation.threshold))]
     wrong = wrong[:MAX_MISCLASSIFIED]
-    columns = min(6, wrong.size)
-    rows = int(np.ceil(wrong.size / columns))
+    paths = [evaluation.frame.iloc[i]["image_path"] for i in wrong]
+    if explainer is not None:
+        pictures = explainer(paths)
+    else:
+        show = PreprocessConfig(image_size=160, color_mode="rgb")
+        pictures = [(load_and_preprocess(p, show), None) for p in paths]
+    per_row = 6 if explainer is None else 3  # mistakes per row (with overlays: pairs)
+    columns = min(per_row, wrong.size) * (1 if explainer is None else 2)
+    rows = int(np.ceil(wrong.size / per_row))
     fig, axes = plt.subplots(rows, columns, figsize=(2.3 * columns, 2.6 * rows), squeeze=False)
-    show = PreprocessConfig(image_size=160, color_mode="rgb")
     for ax in axes.flat:
         ax.axis("off")
-    for ax, index in zip(axes.flat, wrong, strict=False):
+    step = 1 if explainer is None else 2
+    for k, (index, (image, heat)) in enumerate(zip(wrong, pictures, strict=True)):
+        ax = axes.flat[k * step]
+        ax.imshow(image)
         row = evaluation.frame.iloc[index]
-        ax.imshow(load_and_preprocess(row["image_path"], show))
-        truth = LABELS[int(row["label"])]
-        if row["defect_type"] not in ("none", "defect"):
-            truth = f"{truth} ({row['defect_type']})"
         ax.set_title(
-            f"true: {truth}\npred: {LABELS[evaluation.predicted[index]]} "
+            f"true: {_truth(row)}\npred: {LABELS[evaluation.predicted[index]]} "
             f"p={evaluation.scores[index]:.2f}",
             fontsize=8,
         )
+        if heat is not None:
+            axes.flat[k * step + 1].imshow(heat)
+            axes.flat[k * step + 1].set_title("where it looked", fontsize=8)
     fig.suptitle(
         f"Misclassified test images ({int((evaluation.predicted != evaluation.labels).sum())}"
         f" in all, most confident first)",
+        fontsize=10,
+    )
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def plot_defect_gallery(evaluation: Evaluation, path: Path, explainer: Callable) -> Path | None:
+    """Per defect type, one caught (the surest) and one missed (the lowest scored) test
+    image, each with its Grad-CAM overlay: which kinds the model sees, and where."""
+    if evaluation.by_defect_type is None:
+        return None
+    frame = evaluation.frame.assign(score=evaluation.scores, caught=evaluation.predicted == 1)
+    defects = frame[frame["label"] == 1]
+    types = list(evaluation.by_defect_type["defect_type"])
+    picks: list[tuple[str, str, object]] = []  # (type, "caught"/"missed", row or None)
+    for kind in types:
+        of_kind = defects[defects["defect_type"] == kind]
+        caught, missed = of_kind[of_kind["caught"]], of_kind[~of_kind["caught"]]
+        picks.append(
+            (kind, "caught", caught.loc[caught["score"].idxmax()] if len(caught) else None)
+        )
+        picks.append(
+            (kind, "missed", missed.loc[missed["score"].idxmin()] if len(missed) else None)
+        )
+    shown = iter(explainer([row["image_path"] for _, _, row in picks if row is not None]))
+    fig, axes = plt.subplots(len(types), 4, figsize=(9.2, 2.5 * len(types)), squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for k, (kind, outcome, row) in enumerate(picks):
+        left, right = axes.flat[2 * k], axes.flat[2 * k + 1]
+        if row is None:
+            left.text(0.5, 0.5, f"{kind}:\nnone {outcome}", ha="center", va="center", fontsize=9)
+            continue
+        image, heat = next(shown)
+        left.imshow(image)
+        left.set_title(f"{kind}: {outcome}, p={row['score']:.2f}", fontsize=8)
+        right.imshow(heat)
+    fig.suptitle(
+        "Per defect type: the surest catch and the lowest-scored miss, with Grad-CAM",
         fontsize=10,
     )
     fig.tight_layout()
@@ -220,9 +280,17 @@ def summary_markdown(evaluation: Evaluation, pictures: list[str], title: str) ->
     return "\n".join(lines) + "\n"
 
 
-def log_evaluation(evaluation: Evaluation, run_id: str, title: str = "Evaluation") -> list[str]:
-    """Metrics and every artifact on ``run_id``; returns the artifact paths."""
+def log_evaluation(
+    evaluation: Evaluation, run_id: str, title: str = "Evaluation", net=None, preprocess=None
+) -> list[str]:
+    """Metrics and every artifact on ``run_id``; returns the artifact paths. With the
+    network and its preprocessing, mistakes and the defect-type gallery get heatmaps."""
     log_metrics(evaluation.flat_metrics(), run_id)
+    explainer = None
+    if net is not None and preprocess is not None:
+        from qi.explain import Explainer
+
+        explainer = Explainer(net, preprocess)
     with tempfile.TemporaryDirectory(prefix="qi-eval-") as tmp:
         folder = Path(tmp)
         pictures = [
@@ -231,7 +299,10 @@ def log_evaluation(evaluation: Evaluation, run_id: str, title: str = "Evaluation
                 plot_confusion(evaluation, folder / "confusion_matrix.png"),
                 plot_curves(evaluation, folder / "roc_pr_curves.png"),
                 plot_defect_recall(evaluation, folder / "recall_by_defect_type.png"),
-                plot_misclassified(evaluation, folder / "misclassified.png"),
+                plot_misclassified(evaluation, folder / "misclassified.png", explainer),
+                plot_defect_gallery(evaluation, folder / "defect_gallery.png", explainer)
+                if explainer is not None
+                else None,
             )
             if p is not None
         ]

@@ -48,5 +48,11 @@ def evaluate_logged_model(
     with training_run(tracking, tags=tags) as run_id:
         mlflow.set_tags(tags)
         log_dataset(data.frame, data.root, data.digest, name=data.root.name, run_id=run_id)
-        log_evaluation(evaluation, run_id, title=f"Evaluation of {model_uri}")
+        log_evaluation(
+            evaluation,
+            run_id,
+            title=f"Evaluation of {model_uri}",
+            net=model.net,
+            preprocess=data.preprocess,
+        )
     return run_id, evaluation

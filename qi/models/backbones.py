@@ -131,6 +131,11 @@ class TorchvisionEncoder(nn.Module):
         self.model = model
         self.feature_dim = width * self.pool.multiplier
 
+    @property
+    def cam_layer(self) -> nn.Module:
+        """The last stage before pooling, for Grad-CAM."""
+        return self.stages[-1]
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.model(x)
 
@@ -197,6 +202,12 @@ class EfficientNetLiteEncoder(nn.Module):
         self.feature_dim = model._bn1.num_features * self.pool.multiplier
         self.stages = [nn.ModuleList([model._conv_stem, model._bn0]), *model._blocks]
         self.stages.append(nn.ModuleList([model._conv_head, model._bn1]))
+
+    @property
+    def cam_layer(self) -> nn.Module:
+        """The head convolution's batch norm (its output is the map that is pooled, before
+        the activation), for Grad-CAM."""
+        return self.model._bn1
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.pool(self.model.extract_features(x))

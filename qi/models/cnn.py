@@ -66,5 +66,11 @@ class InspectionCNN(nn.Module):
         self.feature_dim = channels[-1] * self.pool.multiplier
         self.stages = list(self.features)
 
+    @property
+    def cam_layer(self) -> nn.Module:
+        """The last block's activation, before its max pooling: the finest map of the last
+        block (8x8 for 128 px at depth 5) for Grad-CAM."""
+        return self.features[-1][-2]
+
     def forward(self, x):
         return self.pool(self.features(x))

@@ -94,7 +94,11 @@ def finish_best(
         mlflow.log_param("best.test_time_views", views)
     evaluation = evaluate(net, prepared, settings.target_recall)
     log_evaluation(
-        evaluation, parent_run_id, title=f"Study {config.study_name}: best trial {best.number}"
+        evaluation,
+        parent_run_id,
+        title=f"Study {config.study_name}: best trial {best.number}",
+        net=net,
+        preprocess=prepared.preprocess,
     )
     spec = replace(spec, threshold=evaluation.threshold)
     info = log_inspection_model(net, spec, example_image=prepared.images[0])
