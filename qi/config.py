@@ -462,6 +462,37 @@ class PredictConfig(Checked):
     batch_size: int = option(64, "Images per forward pass.", check=positive)
 
 
+@dataclass(frozen=True)
+class ExplainConfig(Checked):
+    """``qi explain``: which model shows where it looks, and where the overlays go."""
+
+    model_uri: str | None = MODEL_URI.field()
+    output: Path = option(
+        Path("heatmaps"), "Folder for <name>.heatmap.png overlays and explained.csv.", short="-o"
+    )
+
+
+@dataclass(frozen=True)
+class ExportConfig(Checked):
+    """``qi export``: which model goes to ONNX, and how close it must score."""
+
+    model_uri: str | None = MODEL_URI.field()
+    output: Path = option(
+        Path("onnx"), "Folder for model.onnx, score_onnx.py and parity.json.", short="-o"
+    )
+    data_dir: Path | None = option(
+        None,
+        "Images whose test split proves parity (default: the model's own data).",
+        must_exist="folder",
+    )
+    tolerance: float = option(
+        1e-4, "Largest |ONNX - model| defect probability allowed on a test image.", check=positive
+    )
+    publish: bool = option(
+        True, "Log the export to the model's run and tag its registered version."
+    )
+
+
 def flatten(config: Any, prefix: str = "") -> dict[str, Any]:
     """Flat ``section.field`` dict of a (nested) dataclass, as MLflow params want it."""
     flat: dict[str, Any] = {}

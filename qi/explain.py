@@ -10,11 +10,12 @@ ResNet's last stage, a MobileNet's last block), so every backbone explains the s
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import cv2
 import numpy as np
+import pandas as pd
 import torch
 from pytorch_grad_cam import GradCAM
 from pytorch_grad_cam.utils.image import show_cam_on_image
@@ -104,6 +105,8 @@ def explain_files(model_uri: str, files: list[Path], out_dir: Path) -> list[Expl
         target.write_bytes(overlay_png(image, heatmap))
         label = LABELS[int(decide(probability, spec.threshold))]
         results.append(Explained(str(path), probability, label, target))
+    table = pd.DataFrame([asdict(r) for r in results])
+    table.to_csv(out_dir / "explained.csv", index=False)
     return results
 
 

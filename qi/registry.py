@@ -87,6 +87,20 @@ def version_of_trial_run(name: str, trial_run_id: str) -> ModelVersion | None:
     return None
 
 
+def version_of_uri(model_uri: str) -> ModelVersion | None:
+    """The registered version a ``models:/NAME/VERSION`` or ``models:/NAME@ALIAS`` URI
+    names; None for a run's or a logged model's URI."""
+    if not model_uri.startswith("models:/"):
+        return None
+    path = model_uri[len("models:/") :]
+    client = mlflow.MlflowClient()
+    if "@" in path:
+        name, alias = path.split("@", 1)
+        return client.get_model_version_by_alias(name, alias)
+    name, _, version = path.partition("/")
+    return client.get_model_version(name, version) if version.isdigit() else None
+
+
 def champion(name: str) -> ModelVersion | None:
     try:
         return mlflow.MlflowClient().get_model_version_by_alias(name, CHAMPION)

@@ -244,6 +244,7 @@ def pip_requirements() -> list[str]:
         "torch",
         "torchvision",
         "efficientnet-lite-pytorch",  # the architecture; the weights travel with the model
+        "grad-cam",  # params={"explain": true}
         "opencv-python-headless",
         "pillow",
         "numpy",

@@ -45,9 +45,14 @@ class Tag:
     CHAMPION_SCORE = "qi.champion_score"
     PREVIOUS_CHAMPION = "qi.previous_champion_version"
     TEST_IMAGES = "qi.test_images"
+    ONNX = "qi.onnx"  # on a model version: the runs:/ URI of its parity-checked ONNX export
+    ONNX_PARITY = "qi.onnx_parity"
     # MLflow's own
     PARENT_RUN = "mlflow.parentRunId"
     RUN_NAME = "mlflow.runName"
+    NOTE = "mlflow.note.content"  # the run's description in the UI
+    EXPERIMENT_KIND = "mlflow.experimentKind"  # an experiment tag: which view the UI opens on
+    MODEL_TRAINING = "custom_model_development"  # its value for qi's experiments
 
 
 class Kind:
@@ -81,6 +86,7 @@ class Artifact:
     TRIAL_WEIGHTS = "weights.pt"
     TRIAL_SPEC = "spec.json"
     MODEL = "model"  # the logged pyfunc model's name
+    ONNX = "onnx"  # qi export: model.onnx, score_onnx.py, parity.json
 
 
 class TrialAttr:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import subprocess
 import tempfile
 import time
@@ -81,6 +82,19 @@ def experiment_id(name: str) -> str:
         return mlflow.get_experiment_by_name(name).experiment_id
 
 
+def mark_model_training(experiment_id: str) -> None:
+    """Tag the experiment as model training, so MLflow's UI opens it on its runs rather
+    than on the GenAI overview; an experiment kind someone chose is left alone."""
+    client = mlflow.MlflowClient()
+    if Tag.EXPERIMENT_KIND not in client.get_experiment(experiment_id).tags:
+        client.set_experiment_tag(experiment_id, Tag.EXPERIMENT_KIND, Tag.MODEL_TRAINING)
+
+
+def generated_run_name(name: str | None) -> bool:
+    """Whether a run name is one MLflow made up (``trusting-fawn-815``), not a user's."""
+    return name is None or re.fullmatch(r"[a-z]+-[a-z]+-\d{1,3}", name) is not None
+
+
 @contextmanager
 def training_run(config: TrackingConfig, tags: dict[str, str] | None = None) -> Iterator[str]:
     """An MLflow run for one training; the run ``mlflow run`` opened when there is one."""
@@ -93,7 +107,8 @@ def training_run(config: TrackingConfig, tags: dict[str, str] | None = None) -> 
         kwargs["run_name"] = config.run_name
     with mlflow.start_run(**kwargs) as run:
         if inherited and config.run_name:
-            mlflow.set_tag("mlflow.runName", config.run_name)
+            mlflow.set_tag(Tag.RUN_NAME, config.run_name)
+        mark_model_training(run.info.experiment_id)
         try:
             yield run.info.run_id
         except KeyboardInterrupt:  # Ctrl-C or SIGTERM: stopped on purpose, not broken

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -49,3 +50,17 @@ def tiny_config(tiny_casting, tmp_path) -> RunConfig:
         train=TrainConfig(epochs=1),
         tracking=TrackingConfig(experiment="qi-test"),
     )
+
+
+@pytest.fixture
+def champion(tiny_config):
+    """A trained model registered as quality-inspector@champion in this test's store."""
+    from qi.registry import promote, register
+    from qi.train import train
+
+    outcome = train(
+        replace(tiny_config, train=replace(tiny_config.train, epochs=2)), progress=False
+    )
+    version = register(outcome.model_uri, "quality-inspector", tags={}, description="test")
+    promote("quality-inspector", str(version.version), outcome.data.split_frame("test"))
+    return outcome

@@ -7,7 +7,6 @@ import subprocess
 import sys
 import urllib.error
 import urllib.request
-from dataclasses import replace
 from pathlib import Path
 
 import cv2
@@ -19,23 +18,10 @@ from click.testing import CliRunner
 
 from qi.cli import cli
 from qi.inference import defect_probabilities, prepare_batch
-from qi.registry import promote, register
 from qi.services import answers, free_port, interpreter_env, start, stop, wait_until
 from qi.serving import as_model_input
-from qi.train import train
 
 PROJECT = Path(__file__).resolve().parent.parent
-
-
-@pytest.fixture
-def champion(tiny_config):
-    """A trained model registered as quality-inspector@champion in this test's store."""
-    outcome = train(
-        replace(tiny_config, train=replace(tiny_config.train, epochs=2)), progress=False
-    )
-    version = register(outcome.model_uri, "quality-inspector", tags={}, description="test")
-    promote("quality-inspector", str(version.version), outcome.data.split_frame("test"))
-    return outcome
 
 
 def _test_images(outcome, n=4):

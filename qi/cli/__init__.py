@@ -24,6 +24,8 @@ import qi
 from qi.cli.config_options import config_options
 from qi.config import (
     EvaluateConfig,
+    ExplainConfig,
+    ExportConfig,
     PredictConfig,
     PromoteConfig,
     RunConfig,
@@ -285,6 +287,67 @@ def predict(inputs: tuple[Path, ...], predict: PredictConfig, run: RunConfig, pr
         f"{len(table) - defective - failed} ok, {failed} unreadable; "
         f"{scored.images_per_second:.1f} images/s ({scored.seconds:.1f} s)"
     )
+
+
+@cli.command()
+@click.argument("inputs", nargs=-1, required=True, type=click.Path(path_type=Path))
+@config_options(
+    explain=ExplainConfig, run=RunConfig, include=("explain.*", "run.tracking.tracking_uri")
+)
+@user_errors
+def explain(inputs: tuple[Path, ...], explain: ExplainConfig, run: RunConfig) -> None:
+    """Show where the model looks: a Grad-CAM overlay per image file of INPUTS."""
+    from qi.explain import explain_files
+    from qi.predict import list_images
+    from qi.tracking import configure_tracking
+
+    configure_tracking(run.tracking)
+    try:
+        files = list_images(list(inputs))
+    except FileNotFoundError as exc:
+        raise click.BadParameter(str(exc), param_hint="INPUTS") from exc
+    try:
+        explained = explain_files(explain.model_uri, files, explain.output)
+    except MlflowException as exc:
+        raise click.ClickException(
+            f"cannot load {explain.model_uri}: {str(exc).splitlines()[0]}"
+        ) from exc
+    for item in explained:
+        if item.error:
+            click.echo(f"{item.file}: unreadable: {item.error}", err=True)
+        else:
+            click.echo(f"{item.file}: {item.label} {item.defect_probability:.3f} -> {item.overlay}")
+    click.echo(f"{sum(not e.error for e in explained)} overlays in {explain.output}")
+
+
+@cli.command()
+@config_options(
+    export=ExportConfig, run=RunConfig, include=("export.*", "run.tracking.tracking_uri")
+)
+@user_errors
+def export(export: ExportConfig, run: RunConfig) -> None:
+    """Export a model to ONNX; publish it only when it scores the test images as the model."""
+    from qi.export import ParityError, export_model
+    from qi.tracking import configure_tracking
+
+    configure_tracking(run.tracking)
+    try:
+        done = export_model(
+            export.model_uri, export.output, export.data_dir, export.tolerance, export.publish
+        )
+    except ParityError as exc:
+        raise click.ClickException(str(exc)) from exc
+    except (MlflowException, ValueError) as exc:
+        raise click.ClickException(
+            f"cannot export {export.model_uri}: {str(exc).splitlines()[0]}"
+        ) from exc
+    parity = done.parity
+    click.echo(
+        f"{export.output / 'model.onnx'} (opset {done.opset}): max |ONNX - model| "
+        f"{parity.max_abs_difference:.1e} on {parity.images} test images, "
+        f"{parity.decisions_differ} decisions differ"
+    )
+    click.echo(f"published: {done.published}" if done.published else "not published")
 
 
 def main() -> None:

@@ -24,8 +24,8 @@ from sklearn.metrics import PrecisionRecallDisplay, RocCurveDisplay  # noqa: E40
 from qi.data.preprocessing import PreprocessConfig, load_and_preprocess  # noqa: E402
 from qi.evaluation.metrics import Evaluation  # noqa: E402
 from qi.inference import LABELS  # noqa: E402
-from qi.tags import Artifact  # noqa: E402
-from qi.tracking import log_artifact_folder, log_metrics  # noqa: E402
+from qi.tags import Artifact, Tag  # noqa: E402
+from qi.tracking import log_artifact_folder, log_metrics, set_tags  # noqa: E402
 
 ARTIFACT_DIR = Artifact.EVALUATION_DIR
 MAX_MISCLASSIFIED = 24
@@ -316,4 +316,8 @@ def log_evaluation(
             summary_markdown(evaluation, [str(p) for p in pictures], title)
         )
         log_artifact_folder(run_id, folder, ARTIFACT_DIR)
+        # the run's description in the UI: the figures and the operating point at a glance
+        note = summary_markdown(evaluation, [], title)
+        note += f"\nCharts, heatmaps and tables: Artifacts, `{ARTIFACT_DIR}/`.\n"
+        set_tags(run_id, {Tag.NOTE: note})
         return [f"{ARTIFACT_DIR}/{p.name}" for p in sorted(folder.iterdir())]

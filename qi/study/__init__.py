@@ -16,7 +16,6 @@ The parts: :mod:`~qi.study.setup` (storage, sampler, pruner, search space),
 from __future__ import annotations
 
 import logging
-import os
 import time
 
 import mlflow
@@ -50,6 +49,7 @@ from qi.study.trials import (
 from qi.tags import Kind, Tag, TrialAttr
 from qi.tracking import (
     configure_tracking,
+    generated_run_name,
     log_config,
     log_metrics,
     log_run_config,
@@ -102,7 +102,9 @@ def tune(
     )
     with training_run(base.tracking, tags=tags) as parent_run_id:
         mlflow.set_tags(tags)
-        if base.tracking.run_name is None and "MLFLOW_RUN_ID" not in os.environ:
+        # named after the study, also under `mlflow run` (whose names are made up)
+        name = mlflow.get_run(parent_run_id).info.run_name
+        if base.tracking.run_name is None and generated_run_name(name):
             mlflow.set_tag(Tag.RUN_NAME, f"{config.study_name}-study")
         log_run_config({"base": to_dict(base), "tune": to_dict(config)}, parent_run_id)
         mlflow.log_params({k: str(v)[:6000] for k, v in describe(config).items()})

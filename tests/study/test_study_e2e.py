@@ -56,6 +56,13 @@ def test_mlflow_run_tune_nests_trials_under_the_project_run(tiny_casting, tmp_pa
     (parent,) = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
     assert parent.data.tags["mlflow.project.entryPoint"] == "tune"
     assert parent.info.status == "FINISHED" and parent.data.tags["qi.kind"] == "tune"
+    # what the MLflow UI shows: the study's name, the evaluation as the run's description,
+    # the experiment opening on its training runs
+    assert parent.info.run_name == "e2e-study"
+    note = parent.data.tags["mlflow.note.content"]
+    assert "Study e2e: best trial" in note and "## Operating points" in note
+    experiment = mlflow.get_experiment(parent.info.experiment_id)
+    assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
     children = _children(parent.info.run_id, parent.info.experiment_id)
     assert len(children) == len(runs) - 1  # every other run is a child of the project run
 
@@ -70,6 +77,7 @@ def test_mlflow_run_tune_nests_trials_under_the_project_run(tiny_casting, tmp_pa
     failed = [c for c in children if c.info.status == "FAILED"]
     assert failed and "torch's cache" in failed[0].data.tags["qi.error"]
     complete = [c for c in children if c.info.status == "FINISHED"]
+    assert all("objective" in c.data.metrics for c in complete)  # sortable in the runs table
     history = mlflow.MlflowClient().get_metric_history(complete[0].info.run_id, "val/f1")
     assert [m.step for m in history] == [0, 1]
     finished = [t for t in study.trials if t.state.name in ("COMPLETE", "PRUNED")]
