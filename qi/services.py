@@ -11,6 +11,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.error
 import urllib.request
@@ -46,8 +47,7 @@ def wait_until(
     deadline = time.monotonic() + timeout
     while not ready():
         if process is not None and process.poll() is not None:
-            output = process.stdout.read() if process.stdout else ""
-            raise RuntimeError(f"{what} exited with {process.returncode}: {output[-3000:]}")
+            raise RuntimeError(f"{what} exited with {process.returncode}: {output_of(process)}")
         if time.monotonic() > deadline:
             raise RuntimeError(f"{what} was not ready after {timeout:.0f} s")
         time.sleep(interval)
@@ -69,16 +69,34 @@ def answers(url: str) -> Callable[[], bool]:
 
 
 def start(command: list[str], env: dict[str, str] | None = None, **kwargs) -> subprocess.Popen:
-    """A background process in its own process group, output captured as text."""
-    return subprocess.Popen(
+    """A background process in its own process group; its output goes to a temporary file.
+
+    Not to a pipe: nobody reads a server's pipe while it runs, and once a pipe's 64 KiB fill
+    (a few thousand access-log lines) the server blocks on its next write and stops
+    answering. :func:`output_of` reads the file.
+    """
+    log_file = tempfile.TemporaryFile(mode="w+", prefix="qi-service-")  # noqa: SIM115 (closed by stop)
+    process = subprocess.Popen(
         command,
         env=env or interpreter_env(),
-        stdout=subprocess.PIPE,
+        stdout=log_file,
         stderr=subprocess.STDOUT,
         text=True,
         start_new_session=True,
         **kwargs,
     )
+    process.log_file = log_file  # type: ignore[attr-defined]
+    return process
+
+
+def output_of(process: subprocess.Popen, last: int = 3000) -> str:
+    """The last ``last`` characters a process started by :func:`start` wrote."""
+    log_file = getattr(process, "log_file", None)
+    if log_file is None or log_file.closed:
+        return ""
+    log_file.flush()
+    log_file.seek(0)
+    return log_file.read()[-last:]
 
 
 def stop(process: subprocess.Popen, timeout: float = 30.0) -> None:
@@ -92,8 +110,9 @@ def stop(process: subprocess.Popen, timeout: float = 30.0) -> None:
             process.wait(timeout=timeout)
         except ProcessLookupError:
             pass
-    if process.stdout:
-        process.stdout.close()
+    log_file = getattr(process, "log_file", None)
+    if log_file is not None:
+        log_file.close()
 
 
 @contextmanager
