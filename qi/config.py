@@ -421,6 +421,17 @@ class TuneConfig(Checked):
         'Trials to run first, as JSON (inline or a file): {"model.width": 24, ...} or a list.',
         parse=json_objects,
     )
+    heartbeat_interval: int = option(
+        20,
+        "Database storages: seconds between the heartbeats of a running trial and of this worker.",
+        check=positive,
+    )
+    grace_period: int = option(
+        60,
+        "Database storages: a trial or worker silent this long is dead: its trial is failed "
+        "and retried, its MLflow runs closed.",
+        check=positive,
+    )
     seed: int = SEED.field()
     start_with_defaults: bool = True  # first trials: a frozen-backbone head, `qi train`'s
     model_name: str = MODEL_NAME.field()

@@ -133,3 +133,104 @@ def model_server(model_uri: str, workers: int = 1, env: dict | None = None) -> I
         yield url
     finally:
         stop(process)
+
+
+def tracking_server_command() -> str:
+    """The team tracking server's shell command: the CMD of ``docker/tracking.Dockerfile``,
+    so the tests start exactly what the compose stack runs (settings come from its
+    environment: MLFLOW_BACKEND_STORE_URI, MLFLOW_ARTIFACTS_DESTINATION, HOST, PORT, ...)."""
+    import json
+
+    dockerfile = Path(__file__).resolve().parent.parent / "docker" / "tracking.Dockerfile"
+    line = [ln for ln in dockerfile.read_text().splitlines() if ln.startswith("CMD ")][-1]
+    argv = json.loads(line[len("CMD ") :])
+    if argv[:2] != ["sh", "-c"]:
+        raise ValueError(f'{dockerfile}: expected CMD ["sh", "-c", ...]')
+    return argv[2]
+
+
+@contextmanager
+def tracking_server(
+    backend_store_uri: str, artifacts: Path, basic_auth: bool = False, **env: str
+) -> Iterator[str]:
+    """An MLflow tracking server on a free loopback port with proxied artifacts, started with
+    the tracking image's command; yields its URL. ``basic_auth`` needs ``mlflow[auth]``,
+    ``MLFLOW_FLASK_SERVER_SECRET_KEY`` and ``MLFLOW_AUTH_ADMIN_PASSWORD`` in ``env``."""
+    port = free_port()
+    settings = {
+        "MLFLOW_BACKEND_STORE_URI": backend_store_uri,
+        "MLFLOW_ARTIFACTS_DESTINATION": str(artifacts),
+        "HOST": "127.0.0.1",
+        "PORT": str(port),
+        "WORKERS": "1",
+        "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false",
+        "MLFLOW_APP_NAME": "basic-auth" if basic_auth else "",
+        **env,
+    }
+    process = start(["sh", "-c", tracking_server_command()], env=interpreter_env(**settings))
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_until(answers(f"{url}/health"), "mlflow server", process, timeout=120)
+        yield url
+    finally:
+        stop(process)
+
+
+def postgres_binaries() -> Path | None:
+    """The newest installed PostgreSQL's bin folder (Debian keeps them off PATH)."""
+    import glob
+    import shutil
+
+    found = sorted(glob.glob("/usr/lib/postgresql/*/bin"), key=lambda p: int(p.split("/")[-2]))
+    if found:
+        return Path(found[-1])
+    initdb = shutil.which("initdb")
+    return Path(initdb).parent if initdb else None
+
+
+@contextmanager
+def postgres_cluster() -> Iterator[str]:
+    """A throwaway PostgreSQL cluster on a free loopback port (trust auth, no fsync: for
+    tests and benchmarks only); yields its server URL ``postgresql+psycopg2://...`` without a
+    database. As root the server runs as the ``postgres`` user, as PostgreSQL requires."""
+    import shutil
+
+    binaries = postgres_binaries()
+    if binaries is None:
+        raise FileNotFoundError("no PostgreSQL binaries: install the postgresql package")
+    folder = Path(tempfile.mkdtemp(prefix="qi-postgres-"))
+    as_root = os.geteuid() == 0
+    prefix = ["runuser", "-u", "postgres", "--"] if as_root else []
+    if as_root:
+        shutil.chown(folder, "postgres", "postgres")
+    data, socket_dir, port = folder / "data", folder, free_port()
+
+    def pg(*args: str) -> None:
+        done = subprocess.run([*prefix, *args], capture_output=True, text=True, timeout=120)
+        if done.returncode != 0:
+            raise RuntimeError(f"{args[0]} failed: {(done.stderr or done.stdout)[-2000:]}")
+
+    try:
+        pg(str(binaries / "initdb"), "-D", str(data), "-U", "postgres", "-A", "trust")
+        options = f"-p {port} -k {socket_dir} -c listen_addresses=127.0.0.1 -c fsync=off"
+        pg(str(binaries / "pg_ctl"), "-D", str(data), "-w", "-l", str(folder / "log"),
+           "-o", options, "start")  # fmt: skip
+        try:
+            yield f"postgresql+psycopg2://postgres@127.0.0.1:{port}"
+        finally:
+            pg(str(binaries / "pg_ctl"), "-D", str(data), "-m", "immediate", "-w", "stop")
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def create_database(server_url: str, name: str) -> str:
+    """Create database ``name`` on a PostgreSQL server; returns its URL."""
+    import sqlalchemy
+
+    engine = sqlalchemy.create_engine(f"{server_url}/postgres", isolation_level="AUTOCOMMIT")
+    try:
+        with engine.connect() as connection:
+            connection.execute(sqlalchemy.text(f'CREATE DATABASE "{name}"'))
+    finally:
+        engine.dispose()
+    return f"{server_url}/{name}"

@@ -61,12 +61,19 @@ def user_errors(func):
         from qi.data.discovery import DataLayoutError
         from qi.data.preprocessing import ImageDecodeError
         from qi.models.backbones import WeightsNotFoundError
+        from qi.study.setup import StorageError
         from qi.tracking import TrackingError
 
         previous = signal.signal(signal.SIGTERM, _interrupt)
         try:
             return func(*args, **kwargs)
-        except (DataLayoutError, ImageDecodeError, WeightsNotFoundError, TrackingError) as exc:
+        except (
+            DataLayoutError,
+            ImageDecodeError,
+            WeightsNotFoundError,
+            TrackingError,
+            StorageError,
+        ) as exc:
             raise click.ClickException(str(exc)) from exc
         except KeyboardInterrupt:
             click.echo(

@@ -26,9 +26,11 @@ from qi.config import RunConfig, TuneConfig, to_dict
 from qi.data.datamodule import check_data_dir
 from qi.fit import metric_mode, validate_metric
 from qi.study.best import TuneOutcome, best_trial, finish_best, trial_rank
-from qi.study.recovery import fail_stale_local_trials
+from qi.study.recovery import WorkerBeat, close_dead_workers, fail_stale_trials, worker_id
 from qi.study.report import log_study_report
 from qi.study.setup import (
+    Heartbeat,
+    StorageError,
     build_pruner,
     build_sampler,
     describe,
@@ -44,7 +46,6 @@ from qi.study.trials import (
     TrialRunner,
     finished_trials,
     load_trial_network,
-    worker_id,
 )
 from qi.tags import Kind, Tag, TrialAttr
 from qi.tracking import (
@@ -59,6 +60,8 @@ from qi.tracking import (
 from qi.train import log_prepared_data
 
 log = logging.getLogger(__name__)
+
+METRIC_ATTR = "qi.metric"  # study user attribute: the metric the study was created for
 
 
 def tune(
@@ -75,17 +78,12 @@ def tune(
     validate_metric(config.metric)
     check_data_dir(base.data)
     tracking_uri = configure_tracking(base.tracking)
-    storage = open_storage(config.storage, tracking_uri)
-    study = optuna.create_study(
-        storage=storage,
-        study_name=config.study_name,
-        load_if_exists=True,
-        direction="minimize" if metric_mode(config.metric) == "min" else "maximize",
-        sampler=build_sampler(config.sampler, config.seed, config.epochs),
-        pruner=pruner or build_pruner(config.pruner, config.epochs),
-    )
+    heartbeat = Heartbeat(config.heartbeat_interval, config.grace_period)
+    storage = open_storage(config.storage, tracking_uri, heartbeat)
+    study = load_or_create_study(storage, config, pruner)
     existing = len(study.trials)
-    stale = fail_stale_local_trials(study)
+    stale = fail_stale_trials(study)
+    close_dead_workers(study, config.grace_period)
     data = DataByImageSize(base, progress)
     first = data.get(base.data.image_size)  # fail fast on bad data, before any trial
     tags = standard_tags(
@@ -101,52 +99,171 @@ def tune(
         },
     )
     with training_run(base.tracking, tags=tags) as parent_run_id:
-        mlflow.set_tags(tags)
-        # named after the study, also under `mlflow run` (whose names are made up)
-        name = mlflow.get_run(parent_run_id).info.run_name
-        if base.tracking.run_name is None and generated_run_name(name):
-            mlflow.set_tag(Tag.RUN_NAME, f"{config.study_name}-study")
-        log_run_config({"base": to_dict(base), "tune": to_dict(config)}, parent_run_id)
-        mlflow.log_params({k: str(v)[:6000] for k, v in describe(config).items()})
-        log_config(base.data, parent_run_id, prefix="data.")  # trials' own params are on them
-        log_metrics({"trials_before": existing, "stale_trials_failed": stale}, parent_run_id)
-        log_prepared_data(first, parent_run_id)
-        if existing == 0 and config.start_with_defaults:
-            for params in starting_trials(base, config.space):
-                study.enqueue_trial(params, skip_if_exists=True)
-        if existing == 0:
-            for params in config.enqueue:  # as the user listed them, repeats included
-                study.enqueue_trial(params)
-        budget = config.deadline_seconds
-        deadline = None if budget is None else time.monotonic() + budget
-        runner = TrialRunner(base, config, parent_run_id, data, deadline, progress)
-        if finished_trials(study) < config.n_trials:
+        beat = WorkerBeat(study, parent_run_id, config.heartbeat_interval).start()
+        ending = "failed"
+        try:
+            outcome = _work(
+                study,
+                base,
+                config,
+                data,
+                tags,
+                parent_run_id,
+                (existing, stale),
+                progress,
+                heartbeats=isinstance(storage, optuna.storages.RDBStorage),
+            )
+            ending = "finished"
+        except KeyboardInterrupt:
+            ending = "interrupted"
+            raise
+        finally:
+            beat.stop(ending)
+    outcome.study = study
+    return outcome
+
+
+def load_or_create_study(
+    storage: optuna.storages.BaseStorage,
+    config: TuneConfig,
+    pruner: optuna.pruners.BasePruner | None = None,
+) -> optuna.Study:
+    """The study of ``config``, created on first use; a study that exists with another
+    direction or metric is a :class:`StorageError`, before any training."""
+    direction = "minimize" if metric_mode(config.metric) == "min" else "maximize"
+    try:
+        study = optuna.create_study(
+            storage=storage,
+            study_name=config.study_name,
+            load_if_exists=True,
+            direction=direction,
+            sampler=build_sampler(config.sampler, config.seed, config.epochs),
+            pruner=pruner or build_pruner(config.pruner, config.epochs),
+        )
+    except ValueError as exc:
+        raise StorageError(f"study '{config.study_name}': {exc}") from None
+    recorded = study.user_attrs.get(METRIC_ATTR)
+    if recorded is None and not study.trials:
+        study.set_user_attr(METRIC_ATTR, config.metric)
+    elif recorded is not None and recorded != config.metric:
+        raise StorageError(
+            f"study '{config.study_name}' optimises {recorded}, not {config.metric}: pass "
+            f"--metric {recorded}, or another --study-name for a new study"
+        )
+    if study.direction.name.lower() != direction:
+        raise StorageError(
+            f"study '{config.study_name}' was created to {study.direction.name.lower()}, "
+            f"but {config.metric} must {direction}: use another --study-name"
+        )
+    return study
+
+
+def _work(
+    study: optuna.Study,
+    base: RunConfig,
+    config: TuneConfig,
+    data: DataByImageSize,
+    tags: dict[str, str],
+    parent_run_id: str,
+    before: tuple[int, int],
+    progress: bool,
+    heartbeats: bool,
+) -> TuneOutcome:
+    """Everything a worker does inside its parent run: trials, then the best model."""
+    existing, stale = before
+    first = data.get(base.data.image_size)
+    mlflow.set_tags(tags)
+    # named after the study, also under `mlflow run` (whose names are made up)
+    name = mlflow.get_run(parent_run_id).info.run_name
+    if base.tracking.run_name is None and generated_run_name(name):
+        mlflow.set_tag(Tag.RUN_NAME, f"{config.study_name}-study")
+    log_run_config({"base": to_dict(base), "tune": to_dict(config)}, parent_run_id)
+    mlflow.log_params({k: str(v)[:6000] for k, v in describe(config).items()})
+    log_config(base.data, parent_run_id, prefix="data.")  # trials' own params are on them
+    log_metrics({"trials_before": existing, "stale_trials_failed": stale}, parent_run_id)
+    log_prepared_data(first, parent_run_id)
+    if existing == 0 and config.start_with_defaults:
+        for params in starting_trials(base, config.space):
+            study.enqueue_trial(params, skip_if_exists=True)
+    if existing == 0:
+        for params in config.enqueue:  # as the user listed them, repeats included
+            study.enqueue_trial(params)
+    budget = config.deadline_seconds
+    deadline = None if budget is None else time.monotonic() + budget
+    runner = TrialRunner(base, config, parent_run_id, data, deadline, progress)
+    run_until_settled(study, runner, config, deadline, heartbeats)
+    mine = [t for t in study.trials if t.user_attrs.get(TrialAttr.PARENT_RUN_ID) == parent_run_id]
+    counts = {s.name.lower(): sum(t.state == s for t in mine) for s in TrialState}
+    log_metrics(
+        {f"trials_{k}": v for k, v in counts.items() if v} | {"trials_total": len(study.trials)},
+        parent_run_id,
+    )
+    log_study_report(study, parent_run_id)
+    close_dead_workers(study, config.grace_period)
+    best = best_trial(study)
+    if best is None:
+        log.warning("study %s has no completed trial yet", config.study_name)
+        return TuneOutcome(parent_run_id, study, None, None, None)
+    return finish_best(best, data, base, config, parent_run_id)
+
+
+def run_until_settled(
+    study: optuna.Study,
+    runner: TrialRunner,
+    config: TuneConfig,
+    deadline: float | None,
+    heartbeats: bool,
+) -> None:
+    """Run trials until the study has ``n_trials`` finished ones (or the deadline), then wait
+    for the trials other workers are still running, so that every worker picks the same best
+    trial from the same finished study. A trial of a dead worker does not hold the wait: it
+    goes stale and fails (and is queued again, then run here) - after ``grace_period`` with
+    ``heartbeats`` (database storages), at once on this host. A journal file shared across
+    hosts has neither: the wait for others' trials there ends after ``grace_period`` without
+    news."""
+    failures = FailureBudget(max(3, config.n_trials))
+    poll = min(float(config.heartbeat_interval), 2.0)
+    quiet_since, last_seen = time.monotonic(), None
+    while True:
+        left = None if deadline is None else deadline - time.monotonic()
+        if _wanted(study, config, left, failures):
             study.optimize(
                 runner,
-                timeout=budget,
+                timeout=left,
                 catch=(Exception,),
                 callbacks=[
                     optuna.study.MaxTrialsCallback(config.n_trials, states=FINISHED_STATES),
-                    FailureBudget(max(3, config.n_trials)),
+                    failures,
                 ],
             )
-        mine = [
-            t for t in study.trials if t.user_attrs.get(TrialAttr.PARENT_RUN_ID) == parent_run_id
-        ]
-        counts = {s.name.lower(): sum(t.state == s for t in mine) for s in TrialState}
-        log_metrics(
-            {f"trials_{k}": v for k, v in counts.items() if v}
-            | {"trials_total": len(study.trials)},
-            parent_run_id,
-        )
-        log_study_report(study, parent_run_id)
-        best = best_trial(study)
-        if best is None:
-            log.warning("study %s has no completed trial yet", config.study_name)
-            return TuneOutcome(parent_run_id, study, None, None, None)
-        outcome = finish_best(best, data, base, config, parent_run_id)
-    outcome.study = study
-    return outcome
+        fail_stale_trials(study)
+        left = None if deadline is None else deadline - time.monotonic()
+        if study.get_trials(deepcopy=False, states=(TrialState.WAITING,)) and _wanted(
+            study, config, left, failures
+        ):
+            continue  # a trial of a dead worker was queued again: run it
+        running = {t.number for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))}
+        if not running:
+            return
+        if running != last_seen:
+            quiet_since, last_seen = time.monotonic(), running
+            log.info("waiting for trials %s of other workers to finish", sorted(running))
+        elif not heartbeats and time.monotonic() - quiet_since > config.grace_period:
+            log.warning("trials %s still RUNNING with no news: not waiting", sorted(running))
+            return
+        time.sleep(poll)
+
+
+def _wanted(
+    study: optuna.Study, config: TuneConfig, left: float | None, failures: FailureBudget
+) -> bool:
+    """Whether this worker should start trials: the study lacks finished ones, time is left
+    and this worker's setup is not broken."""
+    return (
+        finished_trials(study) < config.n_trials
+        and (left is None or left > 0)
+        and not failures.stopped
+    )
 
 
 __all__ = ["TuneOutcome", "best_trial", "load_trial_network", "trial_rank", "tune"]

@@ -21,8 +21,15 @@ from qi.data.datamodule import PreparedData
 from qi.evaluation import Evaluation, evaluate
 from qi.evaluation.operating_point import views_on_validation
 from qi.evaluation.report import log_evaluation
-from qi.registry import PromotionDecision, promote, register, registry_lock, version_of_trial_run
+from qi.registry import (
+    PromotionDecision,
+    promote,
+    register,
+    registration_lock,
+    version_of_trial_run,
+)
 from qi.serving import log_inspection_model
+from qi.study.setup import storage_label
 from qi.study.trials import DataByImageSize, load_trial_network
 from qi.tags import Tag, TrialAttr
 from qi.tracking import log_metrics
@@ -105,7 +112,8 @@ def finish_best(
     outcome = TuneOutcome(parent_run_id, None, best, evaluation, info.model_uri)
     if settings.register:
         # one lock per model name: workers finishing together register the best trial once
-        with registry_lock(config.model_name):
+        storage = storage_label(config.storage, mlflow.get_tracking_uri())
+        with registration_lock(config.model_name, storage):
             register_best(outcome, prepared, config, base)
     log.info(
         "best trial %d: %s=%.4f, test accuracy %.4f at threshold %.3f",

@@ -39,18 +39,91 @@ def storage_label(storage: str | None, tracking_uri: str) -> str:
     return storage or str(default_storage_path(tracking_uri))
 
 
-def open_storage(storage: str | None, tracking_uri: str) -> optuna.storages.BaseStorage:
+class StorageError(RuntimeError):
+    """The study's storage cannot be used; the message says which and what to do."""
+
+
+@dataclass(frozen=True)
+class Heartbeat:
+    """Optuna's trial heartbeat on database storages (see :mod:`qi.study.recovery`)."""
+
+    interval: int = 20
+    grace_period: int = 60
+    max_retry: int = 2
+
+    def __post_init__(self) -> None:
+        if self.grace_period <= self.interval:
+            raise StorageError(
+                f"--grace-period {self.grace_period} must exceed --heartbeat-interval "
+                f"{self.interval}: a live worker would be declared dead"
+            )
+
+
+def database_url(url: str) -> str:
+    """A bare ``postgresql://`` means psycopg 3 to SQLAlchemy 2.1; qi installs psycopg2, so a
+    bare URL gets that driver when psycopg 3 is absent."""
+    import importlib.util
+
+    if url.startswith("postgresql://") and importlib.util.find_spec("psycopg") is None:
+        return "postgresql+psycopg2://" + url[len("postgresql://") :]
+    return url
+
+
+def _safe(url: str) -> str:
+    """The URL without its password, for messages."""
+    parsed = urlparse(url)
+    if parsed.password:
+        return url.replace(f":{parsed.password}@", ":***@", 1)
+    return url
+
+
+def open_storage(
+    storage: str | None, tracking_uri: str, heartbeat: Heartbeat | None = None
+) -> optuna.storages.BaseStorage:
     """A database URL (postgresql://, mysql://, sqlite://) or a journal file path.
 
     A journal file is safe for several processes on one machine (file locks); a database lets
-    workers on many machines share one study.
+    workers on many machines share one study, and with ``heartbeat`` a trial of a worker that
+    died anywhere is failed and retried. A database that cannot be reached, refuses the
+    credentials or lacks its driver is a :class:`StorageError`, before any training.
     """
     target = storage_label(storage, tracking_uri)
     if "://" in target:
-        return RDBStorage(target, engine_kwargs={"pool_pre_ping": True})
+        return _open_database(database_url(target), heartbeat)
     path = Path(target).expanduser()
     path.parent.mkdir(parents=True, exist_ok=True)
     return JournalStorage(JournalFileBackend(str(path)))
+
+
+def _open_database(url: str, heartbeat: Heartbeat | None) -> RDBStorage:
+    import sqlalchemy.exc
+
+    from qi.study.recovery import StaleTrialCleanup
+
+    beats = {}
+    if heartbeat is not None:
+        beats = dict(
+            heartbeat_interval=heartbeat.interval,
+            grace_period=heartbeat.grace_period,
+            heartbeat_stale_trial_callback=StaleTrialCleanup(heartbeat.max_retry),
+        )
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            return RDBStorage(url, engine_kwargs={"pool_pre_ping": True}, **beats)
+    except (ModuleNotFoundError, sqlalchemy.exc.NoSuchModuleError) as exc:
+        raise StorageError(
+            f"storage {_safe(url)}: its database driver is missing ({exc}); install it, e.g. "
+            "pip install psycopg2-binary, and use postgresql+psycopg2://"
+        ) from None
+    except sqlalchemy.exc.OperationalError as exc:
+        cause = str(exc.orig).strip().splitlines()[0] if exc.orig else str(exc)
+        raise StorageError(
+            f"storage {_safe(url)} cannot be used: {cause}; check the host, port, user, "
+            "password and database name"
+        ) from None
+    except sqlalchemy.exc.ArgumentError as exc:
+        raise StorageError(f"storage {_safe(url)} is not a database URL: {exc}") from None
 
 
 def _tpe(seed: int, epochs: int) -> optuna.samplers.BaseSampler:

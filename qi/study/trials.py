@@ -10,8 +10,6 @@ can be picked up by any worker, later.
 from __future__ import annotations
 
 import logging
-import os
-import socket
 import tempfile
 import time
 from collections.abc import Callable
@@ -28,6 +26,7 @@ from qi.config import RunConfig, TuneConfig
 from qi.data.datamodule import PreparedData, prepare_data
 from qi.fit import fit
 from qi.inference import ModelSpec, load_network, trained_state
+from qi.study.recovery import worker_id
 from qi.study.setup import apply_params, suggest_params
 from qi.tags import Artifact, Kind, Tag, TrialAttr
 from qi.tags import TrialState as RunTrialState
@@ -45,11 +44,6 @@ from qi.tracking import (
 log = logging.getLogger(__name__)
 
 FINISHED_STATES = (TrialState.COMPLETE, TrialState.PRUNED)
-
-
-def worker_id() -> str:
-    """``host:pid`` of this worker: who ran a trial, and whether it still lives."""
-    return f"{socket.gethostname()}:{os.getpid()}"
 
 
 class DataByImageSize:
@@ -237,7 +231,7 @@ class FailureBudget:
     """Stop this worker after ``limit`` failed trials: a broken setup must not loop forever."""
 
     def __init__(self, limit: int) -> None:
-        self.limit, self.failed = limit, 0
+        self.limit, self.failed, self.stopped = limit, 0, False
 
     def __call__(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
         if trial.state == TrialState.FAIL:
@@ -246,6 +240,7 @@ class FailureBudget:
                 log.error(
                     "%d trials failed; stopping the study (see the qi.error tags)", self.failed
                 )
+                self.stopped = True
                 study.stop()
 
 
