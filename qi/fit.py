@@ -33,6 +33,7 @@ from torchmetrics.classification import (
     BinaryRecall,
 )
 
+from qi import interrupts
 from qi.config import RunConfig, TrainConfig
 from qi.data.datamodule import FeatureDataModule, InspectionDataModule, PreparedData
 from qi.data.embeddings import embeddings
@@ -304,7 +305,7 @@ def fit(
             devices=1,
             precision=trainer_precision(train),
             logger=logger if logger is not None else False,
-            callbacks=[checkpoint, stopper, *callbacks],
+            callbacks=[checkpoint, stopper, Checkpoints(), *callbacks],
             enable_progress_bar=progress,
             enable_model_summary=False,
             deterministic=train.deterministic,
@@ -354,6 +355,17 @@ def feature_datamodule(net, data: PreparedData, config: RunConfig, progress: boo
     val = embeddings(net, val_images, views=config.model.test_time_views, progress=progress)
     net.head[0].set_from(torch.from_numpy(train.reshape(-1, train.shape[-1])))
     return FeatureDataModule(train, train_labels, val, val_labels, config.data)
+
+
+class Checkpoints(Callback):
+    """Each training and validation batch is a :func:`qi.interrupts.checkpoint`."""
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        interrupts.checkpoint("fit")
+
+    def on_validation_batch_start(self, trainer, pl_module, batch, batch_idx, dataloader_idx=0):
+        if not trainer.sanity_checking:
+            interrupts.checkpoint("validation")
 
 
 def fit_interruptibly(trainer: pl.Trainer, module, datamodule) -> None:

@@ -33,6 +33,7 @@ from mlflow.exceptions import MlflowException
 
 import qi
 from qi.config import TrackingConfig, flatten, to_dict
+from qi.interrupts import checkpoint
 from qi.tags import Artifact, Tag
 
 log = logging.getLogger(__name__)
@@ -111,6 +112,7 @@ def training_run(config: TrackingConfig, tags: dict[str, str] | None = None) -> 
         mark_model_training(run.info.experiment_id)
         try:
             yield run.info.run_id
+            checkpoint("run end")  # a stop request swallowed on the way ends the run here
         except KeyboardInterrupt:  # Ctrl-C or SIGTERM: stopped on purpose, not broken
             mlflow.set_tag(Tag.INTERRUPTED, "true")
             mlflow.end_run("KILLED")

@@ -17,6 +17,7 @@ from qi.evaluation import Evaluation, evaluate
 from qi.evaluation.report import log_evaluation
 from qi.fit import FitResult, fit
 from qi.inference import ModelSpec
+from qi.interrupts import checkpoint
 from qi.serving import log_inspection_model
 from qi.tags import Artifact, Kind, Tag
 from qi.tracking import (
@@ -93,6 +94,7 @@ def train(config: RunConfig, progress: bool = True) -> TrainOutcome:
             run_id,
         )
         evaluation = None
+        checkpoint("evaluation")
         if (data.frame["split"] == "test").any():
             evaluation = evaluate(result.net, data, config.evaluation.target_recall)
             log_evaluation(

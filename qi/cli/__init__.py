@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import logging
 import os
-import signal
 import sys
 import warnings
 from functools import wraps
@@ -53,20 +52,25 @@ TUNE_OPTIONS = dict(
 
 
 def user_errors(func):
-    """Turn the library's user-fixable errors into one-line click errors; make SIGTERM
-    (``docker stop``, a scheduler) stop a command the way Ctrl-C does."""
+    """Turn the library's user-fixable errors into one-line click errors; make Ctrl-C and
+    SIGTERM (``docker stop``, a scheduler) always stop a command with exit status 130
+    (:mod:`qi.interrupts`)."""
 
     @wraps(func)
     def wrapper(*args, **kwargs):
         from qi.data.discovery import DataLayoutError
         from qi.data.preprocessing import ImageDecodeError
+        from qi.interrupts import requested, stop_on_signals
         from qi.models.backbones import WeightsNotFoundError
         from qi.study.setup import StorageError
         from qi.tracking import TrackingError
 
-        previous = signal.signal(signal.SIGTERM, _interrupt)
         try:
-            return func(*args, **kwargs)
+            with stop_on_signals():
+                result = func(*args, **kwargs)
+                if requested() is None:
+                    return result
+                raise KeyboardInterrupt  # swallowed on the way, and no checkpoint came after
         except (
             DataLayoutError,
             ImageDecodeError,
@@ -82,14 +86,8 @@ def user_errors(func):
                 err=True,
             )
             sys.exit(130)
-        finally:
-            signal.signal(signal.SIGTERM, previous)
 
     return wrapper
-
-
-def _interrupt(signum, frame):
-    raise KeyboardInterrupt
 
 
 def quiet_artifact_uploads(progress: bool) -> None:

@@ -25,6 +25,7 @@ from qi.data.cache import decode_images
 from qi.data.discovery import DataLayoutError, discover
 from qi.data.preprocessing import PreprocessConfig, typical_size
 from qi.data.splits import assign_splits, check_classes, subsample
+from qi.interrupts import checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -87,6 +88,7 @@ def prepare_data(
     config: DataConfig, synth_config: SynthConfig = SynthConfig(), progress: bool = True
 ) -> PreparedData:
     """Discover, split and decode; fails fast with a clear message on unusable data."""
+    checkpoint("data")
     data_dir = resolve_data_dir(config, synth_config, progress)
     found = discover(data_dir, config.ok_class)
     frame = subsample(found.frame, config.max_images, config.seed)

@@ -25,6 +25,7 @@ from optuna.trial import TrialState
 from qi.config import RunConfig, TuneConfig, to_dict
 from qi.data.datamodule import check_data_dir
 from qi.fit import metric_mode, validate_metric
+from qi.interrupts import checkpoint
 from qi.study.best import TuneOutcome, best_trial, finish_best, trial_rank
 from qi.study.recovery import WorkerBeat, close_dead_workers, fail_stale_trials, worker_id
 from qi.study.report import log_study_report
@@ -234,6 +235,7 @@ def run_until_settled(
                 callbacks=[
                     optuna.study.MaxTrialsCallback(config.n_trials, states=FINISHED_STATES),
                     failures,
+                    lambda study, trial: checkpoint("between_trials"),
                 ],
             )
         fail_stale_trials(study)

@@ -21,6 +21,7 @@ from qi.data.datamodule import PreparedData
 from qi.evaluation import Evaluation, evaluate
 from qi.evaluation.operating_point import views_on_validation
 from qi.evaluation.report import log_evaluation
+from qi.interrupts import checkpoint
 from qi.registry import (
     PromotionDecision,
     promote,
@@ -77,6 +78,7 @@ def finish_best(
     parent_run_id: str,
 ) -> TuneOutcome:
     """Best value and params on the parent; the best model evaluated, logged, registered."""
+    checkpoint("evaluation")
     mlflow.log_params({f"best.{k}": v for k, v in best.params.items()})
     mlflow.set_tags(
         {
@@ -113,6 +115,7 @@ def finish_best(
     if settings.register:
         # one lock per model name: workers finishing together register the best trial once
         storage = storage_label(config.storage, mlflow.get_tracking_uri())
+        checkpoint("registration")
         with registration_lock(config.model_name, storage):
             register_best(outcome, prepared, config, base)
     log.info(

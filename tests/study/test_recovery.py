@@ -52,8 +52,8 @@ def _wait_for_running_trial(storage, timeout=120):
         try:
             study = optuna.load_study(study_name="killed", storage=storage)
             running = study.get_trials(states=(optuna.trial.TrialState.RUNNING,))
-            if running and running[0].user_attrs.get("mlflow_run_id"):
-                time.sleep(1.0)  # let it train an epoch or so
+            # inside fit for sure: it reported an epoch and has 39 to go
+            if running and running[0].intermediate_values:
                 return running[0]
         except KeyError:
             pass
