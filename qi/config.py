@@ -474,6 +474,13 @@ class PredictConfig(Checked):
 
 
 @dataclass(frozen=True)
+class StatusConfig(Checked):
+    """``qi study status``: how to print it."""
+
+    json: bool = option(False, "Print the status as JSON, for scripts.", negatable=False)
+
+
+@dataclass(frozen=True)
 class ExplainConfig(Checked):
     """``qi explain``: which model shows where it looks, and where the overlays go."""
 

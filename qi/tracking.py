@@ -168,7 +168,14 @@ def log_dataset(frame: pd.DataFrame, root: Path, digest: str, name: str, run_id:
         )
         context = [InputTag("mlflow.data.context", "training")]
         entity = DatasetInput(dataset._to_mlflow_entity(), context)
-    mlflow.MlflowClient().log_inputs(run_id, datasets=[entity])
+    try:
+        mlflow.MlflowClient().log_inputs(run_id, datasets=[entity])
+    except MlflowException as exc:
+        # workers starting together insert the same dataset: the store's unique key refuses
+        # all but one; the dataset then exists, and linking this run to it succeeds
+        if "unique" not in str(exc).lower() and "duplicate" not in str(exc).lower():
+            raise
+        mlflow.MlflowClient().log_inputs(run_id, datasets=[entity])
 
 
 def log_run_config(config: Any, run_id: str) -> None:

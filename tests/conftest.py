@@ -64,3 +64,44 @@ def champion(tiny_config):
     version = register(outcome.model_uri, "quality-inspector", tags={}, description="test")
     promote("quality-inspector", str(version.version), outcome.data.split_frame("test"))
     return outcome
+
+
+@pytest.fixture(scope="session")
+def postgres_server():
+    """A PostgreSQL server URL without a database: ``QI_TEST_DATABASE_URL`` (a server where
+    the tests may create databases, e.g. postgresql+psycopg2://user:pw@host:5432), else a
+    throwaway cluster of the installed PostgreSQL."""
+    from qi.services import postgres_binaries, postgres_cluster
+
+    given = os.environ.get("QI_TEST_DATABASE_URL")
+    if given:
+        yield given.rstrip("/")
+        return
+    if postgres_binaries() is None:
+        pytest.skip("no PostgreSQL binaries (install postgresql, or set QI_TEST_DATABASE_URL)")
+    with postgres_cluster() as server:
+        yield server
+
+
+@pytest.fixture
+def database(postgres_server) -> str:
+    """A new, empty database on the test PostgreSQL server; its URL."""
+    import uuid
+
+    from qi.services import create_database
+
+    return create_database(postgres_server, f"qi_test_{uuid.uuid4().hex[:12]}")
+
+
+@pytest.fixture(scope="session")
+def tracking_server_url(postgres_server, tmp_path_factory):
+    """A real `mlflow server` (the tracking image's command) whose backend store is a
+    PostgreSQL database and whose artifacts are proxied; shared by the tests that need one,
+    which keep apart by experiment and model names."""
+    import uuid
+
+    from qi.services import create_database, tracking_server
+
+    store = create_database(postgres_server, f"qi_mlflow_{uuid.uuid4().hex[:12]}")
+    with tracking_server(store, tmp_path_factory.mktemp("proxied-artifacts")) as url:
+        yield url

@@ -28,6 +28,7 @@ from qi.config import (
     PredictConfig,
     PromoteConfig,
     RunConfig,
+    StatusConfig,
     SynthConfig,
     TuneConfig,
 )
@@ -292,6 +293,33 @@ def predict(inputs: tuple[Path, ...], predict: PredictConfig, run: RunConfig, pr
         f"{len(table) - defective - failed} ok, {failed} unreadable; "
         f"{scored.images_per_second:.1f} images/s ({scored.seconds:.1f} s)"
     )
+
+
+@cli.group()
+def study() -> None:
+    """Studies: what a running or finished study looks like."""
+
+
+@study.command("status")
+@config_options(
+    status=StatusConfig,
+    tune=TuneConfig,
+    run=RunConfig,
+    include=("status.*", "tune.study_name", "tune.storage", "tune.grace_period",
+             "run.tracking.tracking_uri"),
+)  # fmt: skip
+@user_errors
+def study_status(status: StatusConfig, tune: TuneConfig, run: RunConfig) -> None:
+    """Trials by state, workers and their heartbeats, the best trial and its run."""
+    import json
+
+    from qi.study.status import format_status
+    from qi.study.status import study_status as read_status
+    from qi.tracking import configure_tracking
+
+    tracking_uri = configure_tracking(run.tracking)
+    found = read_status(tune.storage, tune.study_name, tracking_uri, tune.grace_period)
+    click.echo(json.dumps(found, indent=2) if status.json else format_status(found))
 
 
 @cli.command()

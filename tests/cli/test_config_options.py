@@ -20,6 +20,9 @@ def _commands():
     yield "promote", cli.commands["promote"], []
     yield "predict", cli.commands["predict"], ["some.png"]
     yield "data synth", cli.commands["data"].commands["synth"], ["out"]
+    yield "study status", cli.commands["study"].commands["status"], []
+    yield "export", cli.commands["export"], []
+    yield "explain", cli.commands["explain"], ["some.png"]
 
 
 def _other_value(option: ExposedOption, tmp_path: Path) -> tuple[str, object]:
