@@ -87,7 +87,9 @@ class StaleTrialCleanup:
     enqueue the trial again so that a live worker runs it (at most ``max_retry`` times)."""
 
     def __init__(self, max_retry: int = 2) -> None:
-        self.retry = RetryHeartbeatStaleTrialCallback(max_retry=max_retry)
+        with warnings.catch_warnings():  # experimental since Optuna 2.8, still
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            self.retry = RetryHeartbeatStaleTrialCallback(max_retry=max_retry)
 
     def __call__(self, study: optuna.Study, trial: FrozenTrial) -> None:
         worker = trial.user_attrs.get(TrialAttr.WORKER, "?")

@@ -111,10 +111,10 @@ def _open_database(url: str, heartbeat: Heartbeat | None) -> RDBStorage:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
             return RDBStorage(url, engine_kwargs={"pool_pre_ping": True}, **beats)
-    except (ModuleNotFoundError, sqlalchemy.exc.NoSuchModuleError) as exc:
+    except (ImportError, sqlalchemy.exc.NoSuchModuleError):
         raise StorageError(
-            f"storage {_safe(url)}: its database driver is missing ({exc}); install it, e.g. "
-            "pip install psycopg2-binary, and use postgresql+psycopg2://"
+            f"storage {_safe(url)}: its database driver is missing; install it (pip install "
+            "psycopg2-binary for postgresql+psycopg2://, mysqlclient for mysql://)"
         ) from None
     except sqlalchemy.exc.OperationalError as exc:
         cause = str(exc.orig).strip().splitlines()[0] if exc.orig else str(exc)
