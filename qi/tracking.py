@@ -62,6 +62,14 @@ def configure_tracking(config: TrackingConfig) -> str:
         mlflow.search_experiments(max_results=1)
     except Exception as exc:  # any failure here means no training should start
         first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        if "error code 401" in first_line or "error code 403" in first_line:
+            who = os.environ.get("MLFLOW_TRACKING_USERNAME")
+            raise TrackingError(
+                f"MLflow tracking server {uri} refused "
+                + (f"user {who}" if who else "a request without credentials")
+                + ": set MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD to an account "
+                "of that server"
+            ) from exc
         raise TrackingError(
             f"MLflow tracking store {uri} is not usable ({first_line[:200]}): start the server "
             "or set MLFLOW_TRACKING_URI to a reachable store"
