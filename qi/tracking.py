@@ -95,8 +95,13 @@ def mark_model_training(experiment_id: str) -> None:
     """Tag the experiment as model training, so MLflow's UI opens it on its runs rather
     than on the GenAI overview; an experiment kind someone chose is left alone."""
     client = mlflow.MlflowClient()
-    if Tag.EXPERIMENT_KIND not in client.get_experiment(experiment_id).tags:
+    if Tag.EXPERIMENT_KIND in client.get_experiment(experiment_id).tags:
+        return
+    try:
         client.set_experiment_tag(experiment_id, Tag.EXPERIMENT_KIND, Tag.MODEL_TRAINING)
+    except MlflowException as exc:  # workers starting together: one insert wins
+        if Tag.EXPERIMENT_KIND not in client.get_experiment(experiment_id).tags:
+            log.warning("experiment %s not marked as model training: %s", experiment_id, exc)
 
 
 def generated_run_name(name: str | None) -> bool:
