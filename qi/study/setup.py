@@ -8,6 +8,7 @@ the same.
 from __future__ import annotations
 
 import json
+import time
 import warnings
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, fields, replace
@@ -108,9 +109,17 @@ def _open_database(url: str, heartbeat: Heartbeat | None) -> RDBStorage:
             heartbeat_stale_trial_callback=StaleTrialCleanup(heartbeat.max_retry),
         )
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-            return RDBStorage(url, engine_kwargs={"pool_pre_ping": True}, **beats)
+        for attempt in range(5):
+            try:
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                    return RDBStorage(url, engine_kwargs={"pool_pre_ping": True}, **beats)
+            except sqlalchemy.exc.IntegrityError:
+                # workers starting together on a new database all create Optuna's schema:
+                # one wins, the others find it made once they look again
+                if attempt == 4:
+                    raise
+                time.sleep(0.5 * (attempt + 1))
     except (ImportError, sqlalchemy.exc.NoSuchModuleError):
         raise StorageError(
             f"storage {_safe(url)}: its database driver is missing; install it (pip install "
