@@ -17,8 +17,9 @@ show what sharing costs, not what training costs. Per setup and worker count:
   trial s         median wall time of a trial's run
   fit s           median time inside Lightning's fit (the `train_seconds` metric)
   overhead s      the difference: MLflow and Optuna calls, configuration, saving the trial
-Every worker uses all cores (torch's default): on a small machine, more workers than cores
-compete for them.
+Each worker gets its share of the cores (OMP_NUM_THREADS = cores / workers, at least 1): with
+torch's default (every worker takes all cores) two workers on 2 cores ran each fit 9x slower
+(measured 2026-11-29), as their OpenMP threads spun against each other.
 """
 
 from __future__ import annotations
@@ -47,6 +48,8 @@ def run_workers(
     """Start ``count`` workers on one study at once; wait for all; wall seconds."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_RUN")}
     env["MLFLOW_TRACKING_URI"] = tracking
+    # the cores shared out: OpenMP threads that outnumber the cores spin against each other
+    env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // count))
     command = [
         sys.executable, "-m", "qi.cli", "tune", "--data-dir", str(data),
         "--n-trials", str(trials), "--epochs", "1", "--image-size", "32",
@@ -94,9 +97,7 @@ def measure(storage: str, tracking: str, name: str) -> dict:
 
 
 def main() -> None:
-    args = benchmark_args(
-        __doc__, quick={"workers": "2", "trials": 2}, workers="1,2,4", trials=12
-    )
+    args = benchmark_args(__doc__, quick={"workers": "2", "trials": 2}, workers="1,2,4", trials=12)
     counts = [int(c) for c in args.workers.split(",")]
     setups = ["journal + sqlite"]
     if postgres_binaries() is not None:

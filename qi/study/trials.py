@@ -164,7 +164,6 @@ class TrialRunner:
         trial.set_user_attr(TrialAttr.VAL_LOSS, result.val_metrics.get("val/loss", float("nan")))
         log_metrics(
             {
-                "objective": value,
                 "best_epoch": result.best_epoch,
                 "epochs_run": result.epochs_run,
                 "train_seconds": result.seconds,
@@ -178,6 +177,8 @@ class TrialRunner:
             raise optuna.TrialPruned(
                 f"the study's deadline stopped it after {result.epochs_run} epochs"
             )
+        # only complete trials carry the objective: sorting the runs table by it ranks them
+        log_metrics({"objective": value}, run_id)
         save_trial_model(result.net, ModelSpec(config.model, data.preprocess), run_id)
         end_run(run_id, "FINISHED", {Tag.TRIAL_STATE: RunTrialState.COMPLETE})
         return value
