@@ -146,6 +146,7 @@ def train(run: RunConfig, progress: bool) -> None:
         click.echo(describe_evaluation(outcome.evaluation))
     if outcome.model_uri:
         click.echo(f"model: {outcome.model_uri}")
+    click.echo(f"MLflow UI: {ui_link(outcome.run_id)}")
 
 
 @cli.command()
@@ -176,6 +177,21 @@ def tune(tune: TuneConfig, run: RunConfig, progress: bool) -> None:
     if outcome.decision is not None:
         d = outcome.decision
         click.echo(f"registered {tune.model_name} version {d.version} as {d.alias}: {d.reason}")
+    click.echo(f"MLflow UI: {ui_link(outcome.parent_run_id)}")
+
+
+def ui_link(run_id: str) -> str:
+    """Where the run is in MLflow's UI. The link asks for the model-training view: MLflow
+    3's UI otherwise opens every experiment on the GenAI overview until the user switches
+    (it remembers the switch per browser)."""
+    import mlflow
+
+    uri = mlflow.get_tracking_uri()
+    experiment = mlflow.get_run(run_id).info.experiment_id
+    page = f"#/experiments/{experiment}/runs/{run_id}?workflowType=machine_learning"
+    if uri.startswith("http"):
+        return f"{uri.rstrip('/')}/{page}"
+    return f"mlflow ui --backend-store-uri {uri}, then http://127.0.0.1:5000/{page}"
 
 
 def describe_evaluation(evaluation) -> str:

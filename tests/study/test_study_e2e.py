@@ -63,6 +63,8 @@ def test_mlflow_run_tune_nests_trials_under_the_project_run(tiny_casting, tmp_pa
     assert "Study e2e: best trial" in note and "## Operating points" in note
     experiment = mlflow.get_experiment(parent.info.experiment_id)
     assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
+    link = f"#/experiments/{parent.info.experiment_id}/runs/{parent.info.run_id}"
+    assert f"{link}?workflowType=machine_learning" in done.stdout  # opens on the runs view
     children = _children(parent.info.run_id, parent.info.experiment_id)
     assert len(children) == len(runs) - 1  # every other run is a child of the project run
 
