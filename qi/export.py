@@ -95,6 +95,7 @@ def write_onnx(net: InspectionNet, spec, path: Path, model_uri: str) -> int:
         input_names=["image"],
         output_names=["defect_probability"],
         dynamic_shapes={"image": {0: batch}},
+        external_data=False,  # one self-contained file (up to ONNX's 2 GB)
         verbose=False,
     )
     model = onnx.load(str(path))
