@@ -13,7 +13,7 @@ import pytest
 from qi.study.setup import open_storage
 
 
-def _tune_command(data_dir, storage, n_trials):
+def _tune_command(data_dir, storage, n_trials, epochs=40):
     return [
         sys.executable,
         "-m",
@@ -24,7 +24,7 @@ def _tune_command(data_dir, storage, n_trials):
         "--n-trials",
         str(n_trials),
         "--epochs",
-        "40",
+        str(epochs),
         "--image-size",
         "48",
         "--batch-size",
@@ -96,8 +96,8 @@ def test_killed_study_resumes_and_finishes(how, tiny_casting, tmp_path):
         assert worker.returncode == -signal.SIGKILL
         assert child.info.status == "RUNNING"  # nobody could mark it
 
-    again = subprocess.run(
-        _tune_command(tiny_casting, journal, 2),
+    again = subprocess.run(  # the rest of the study: shorter trials, the same study
+        _tune_command(tiny_casting, journal, 2, epochs=3),
         env=env,
         cwd=tmp_path,
         capture_output=True,
