@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import time
+from dataclasses import replace
 
 import mlflow
 import optuna
@@ -36,9 +37,10 @@ from qi.study.setup import (
     build_sampler,
     describe,
     open_storage,
+    public_label,
+    redacted,
     resolve_study,
     starting_trials,
-    storage_label,
 )
 from qi.study.trials import (
     FINISHED_STATES,
@@ -92,7 +94,7 @@ def tune(
         {
             Tag.KIND: Kind.TUNE,
             Tag.STUDY_NAME: config.study_name,
-            Tag.STORAGE: storage_label(config.storage, tracking_uri),
+            Tag.STORAGE: public_label(config.storage, tracking_uri),
             Tag.CONTINUES_STUDY: str(existing > 0).lower(),
             Tag.WORKER: worker_id(),
             Tag.DATA_LAYOUT: first.layout,
@@ -178,7 +180,8 @@ def _work(
     name = mlflow.get_run(parent_run_id).info.run_name
     if base.tracking.run_name is None and generated_run_name(name):
         mlflow.set_tag(Tag.RUN_NAME, f"{config.study_name}-study")
-    log_run_config({"base": to_dict(base), "tune": to_dict(config)}, parent_run_id)
+    public = replace(config, storage=redacted(config.storage))  # no password in artifacts
+    log_run_config({"base": to_dict(base), "tune": to_dict(public)}, parent_run_id)
     mlflow.log_params({k: str(v)[:6000] for k, v in describe(config).items()})
     log_config(base.data, parent_run_id, prefix="data.")  # trials' own params are on them
     log_metrics({"trials_before": existing, "stale_trials_failed": stale}, parent_run_id)

@@ -40,6 +40,11 @@ def storage_label(storage: str | None, tracking_uri: str) -> str:
     return storage or str(default_storage_path(tracking_uri))
 
 
+def public_label(storage: str | None, tracking_uri: str) -> str:
+    """:func:`storage_label` without a password, for what others read (tags, params)."""
+    return redacted(storage_label(storage, tracking_uri))
+
+
 class StorageError(RuntimeError):
     """The study's storage cannot be used; the message says which and what to do."""
 
@@ -70,8 +75,10 @@ def database_url(url: str) -> str:
     return url
 
 
-def _safe(url: str) -> str:
-    """The URL without its password, for messages."""
+def redacted(url: str | None) -> str | None:
+    """The storage URL without its password: for messages, tags, params and status output."""
+    if url is None:
+        return None
     parsed = urlparse(url)
     if parsed.password:
         return url.replace(f":{parsed.password}@", ":***@", 1)
@@ -122,17 +129,17 @@ def _open_database(url: str, heartbeat: Heartbeat | None) -> RDBStorage:
                 time.sleep(0.5 * (attempt + 1))
     except (ImportError, sqlalchemy.exc.NoSuchModuleError):
         raise StorageError(
-            f"storage {_safe(url)}: its database driver is missing; install it (pip install "
+            f"storage {redacted(url)}: its database driver is missing; install it (pip install "
             "psycopg2-binary for postgresql+psycopg2://, mysqlclient for mysql://)"
         ) from None
     except sqlalchemy.exc.OperationalError as exc:
         cause = str(exc.orig).strip().splitlines()[0] if exc.orig else str(exc)
         raise StorageError(
-            f"storage {_safe(url)} cannot be used: {cause}; check the host, port, user, "
+            f"storage {redacted(url)} cannot be used: {cause}; check the host, port, user, "
             "password and database name"
         ) from None
     except sqlalchemy.exc.ArgumentError as exc:
-        raise StorageError(f"storage {_safe(url)} is not a database URL: {exc}") from None
+        raise StorageError(f"storage {redacted(url)} is not a database URL: {exc}") from None
 
 
 def _tpe(seed: int, epochs: int) -> optuna.samplers.BaseSampler:
@@ -392,5 +399,6 @@ def _inside(values: dict[str, Any], space: SearchSpace) -> bool:
 def describe(tune: TuneConfig) -> dict[str, Any]:
     """The study's settings as flat params for the parent run."""
     flat = {f"tune.{k}": v for k, v in asdict(tune).items() if k != "space"}
+    flat["tune.storage"] = redacted(tune.storage)
     flat.update({f"space.{k}": v for k, v in asdict(tune.space).items()})
     return flat

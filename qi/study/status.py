@@ -18,7 +18,7 @@ from mlflow.exceptions import MlflowException
 from optuna.trial import TrialState
 
 from qi.study.recovery import RUNNING, is_dead, worker_records
-from qi.study.setup import StorageError, open_storage, storage_label
+from qi.study.setup import StorageError, open_storage, public_label
 from qi.tags import TrialAttr
 
 
@@ -41,7 +41,7 @@ def study_status(
     storage: str | None, study_name: str, tracking_uri: str, grace_period: float
 ) -> dict:
     """The study's state as plain data (what ``--json`` prints)."""
-    label = storage_label(storage, tracking_uri)
+    label = public_label(storage, tracking_uri)
     opened = open_storage(storage, tracking_uri)
     try:
         study = optuna.load_study(study_name=study_name, storage=opened)

@@ -70,3 +70,14 @@ def test_grace_period_must_exceed_the_heartbeat(tiny_casting, tmp_path, interval
         str(grace),
     )
     _one_line_error(result, "--grace-period", "--heartbeat-interval")
+
+
+def test_the_database_password_stays_out_of_what_others_read():
+    from qi.config import TuneConfig
+    from qi.study.setup import describe, public_label, redacted
+
+    url = "postgresql+psycopg2://qi:s3cret@db.internal:5432/optuna"
+    assert redacted(url) == "postgresql+psycopg2://qi:***@db.internal:5432/optuna"
+    assert public_label(url, "sqlite:///unused.db") == redacted(url)
+    assert "s3cret" not in str(describe(TuneConfig(storage=url)))  # the parent run's params
+    assert redacted("/tmp/studies.journal") == "/tmp/studies.journal"
