@@ -127,12 +127,7 @@ def model_server(model_uri: str, workers: int = 1, env: dict | None = None) -> I
         ],
         env=interpreter_env(**(env or {})),
     )  # fmt: skip
-    url = f"http://127.0.0.1:{port}"
-    try:
-        wait_until(answers(f"{url}/ping"), "mlflow models serve", process, timeout=120)
-        yield url
-    finally:
-        stop(process)
+    yield from _serving(process, f"http://127.0.0.1:{port}", "/ping", "mlflow models serve")
 
 
 def tracking_server_command() -> str:
@@ -168,9 +163,13 @@ def tracking_server(
         **env,
     }
     process = start(["sh", "-c", tracking_server_command()], env=interpreter_env(**settings))
-    url = f"http://127.0.0.1:{port}"
+    yield from _serving(process, f"http://127.0.0.1:{port}", "/health", "mlflow server")
+
+
+def _serving(process: subprocess.Popen, url: str, ready: str, what: str) -> Iterator[str]:
+    """Yield ``url`` once ``url + ready`` answers; stop the process afterwards, always."""
     try:
-        wait_until(answers(f"{url}/health"), "mlflow server", process, timeout=120)
+        wait_until(answers(f"{url}{ready}"), what, process, timeout=120)
         yield url
     finally:
         stop(process)
