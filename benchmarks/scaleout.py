@@ -40,6 +40,7 @@ from _common import benchmark_args
 from qi.config import SynthConfig
 from qi.data import synth
 from qi.services import create_database, postgres_binaries, postgres_cluster, tracking_server
+from qi.study.setup import open_storage
 
 
 def run_workers(
@@ -72,12 +73,7 @@ def run_workers(
 
 
 def measure(storage: str, tracking: str, name: str) -> dict:
-    study = optuna.load_study(
-        study_name="scale",
-        storage=optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(storage))
-        if "://" not in storage
-        else storage,
-    )
+    study = optuna.load_study(study_name="scale", storage=open_storage(storage, tracking))
     finished = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
     window = max(t.datetime_complete for t in finished) - min(t.datetime_start for t in finished)
     mlflow.set_tracking_uri(tracking)

@@ -130,13 +130,13 @@ def model_server(model_uri: str, workers: int = 1, env: dict | None = None) -> I
     yield from _serving(process, f"http://127.0.0.1:{port}", "/ping", "mlflow models serve")
 
 
-def tracking_server_command() -> str:
-    """The team tracking server's shell command: the CMD of ``docker/tracking.Dockerfile``,
-    so the tests start exactly what the compose stack runs (settings come from its
-    environment: MLFLOW_BACKEND_STORE_URI, MLFLOW_ARTIFACTS_DESTINATION, HOST, PORT, ...)."""
+def dockerfile_command(name: str) -> str:
+    """The shell command of ``docker/<name>``'s exec-form ``CMD ["sh", "-c", "..."]``: the
+    tests and benchmarks start exactly what the images run (settings come from the
+    environment: MLFLOW_BACKEND_STORE_URI, HOST, PORT, ...)."""
     import json
 
-    dockerfile = Path(__file__).resolve().parent.parent / "docker" / "tracking.Dockerfile"
+    dockerfile = Path(__file__).resolve().parent.parent / "docker" / name
     line = [ln for ln in dockerfile.read_text().splitlines() if ln.startswith("CMD ")][-1]
     argv = json.loads(line[len("CMD ") :])
     if argv[:2] != ["sh", "-c"]:
@@ -162,7 +162,8 @@ def tracking_server(
         "MLFLOW_APP_NAME": "basic-auth" if basic_auth else "",
         **env,
     }
-    process = start(["sh", "-c", tracking_server_command()], env=interpreter_env(**settings))
+    command = dockerfile_command("tracking.Dockerfile")
+    process = start(["sh", "-c", command], env=interpreter_env(**settings))
     yield from _serving(process, f"http://127.0.0.1:{port}", "/health", "mlflow server")
 
 

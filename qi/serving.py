@@ -166,48 +166,45 @@ def _pixels(array: np.ndarray) -> np.ndarray:
 # MLflow asks for type hints on ``predict``; a type-hinted signature would make its scoring
 # server refuse ``dataframe_split`` (see the module docstring), so qi checks its input itself.
 # The advice is recorded and dropped: MLflow's own filter ("once") would override ours.
-_type_hint_advice = warnings.catch_warnings(record=True)
-_type_hint_advice.__enter__()
+with warnings.catch_warnings(record=True):
 
+    class InspectionModel(mlflow.pyfunc.PythonModel):
+        """pyfunc wrapper over :mod:`qi.inference`: validate, preprocess, score, decide."""
 
-class InspectionModel(mlflow.pyfunc.PythonModel):
-    """pyfunc wrapper over :mod:`qi.inference`: validate, preprocess, score, decide."""
+        def load_context(self, context) -> None:
+            from qi.runtime import keep_freed_memory
 
-    def load_context(self, context) -> None:
-        from qi.runtime import keep_freed_memory
+            keep_freed_memory()  # a served model owns its process: 2-3x faster CPU inference
+            self.spec = ModelSpec.from_json(Path(context.artifacts[SPEC_ARTIFACT]).read_text())
+            self.net = load_network(self.spec, Path(context.artifacts[WEIGHTS_ARTIFACT]))
 
-        keep_freed_memory()  # a served model owns its process: 2-3x faster CPU inference
-        self.spec = ModelSpec.from_json(Path(context.artifacts[SPEC_ARTIFACT]).read_text())
-        self.net = load_network(self.spec, Path(context.artifacts[WEIGHTS_ARTIFACT]))
+        def predict(
+            self, context, model_input, params: dict[str, Any] | None = None
+        ) -> pd.DataFrame:
+            params = params or {}
+            requested = params.get("threshold")
+            threshold = self.spec.threshold if requested is None else float(requested)
+            try:
+                items = images_from_input(model_input)
+                if not items:
+                    raise ValueError("empty batch: send at least one image")
+                batch = prepare_batch(items, self.spec.preprocess)
+            except ValueError as exc:
+                raise InvalidImageInput(str(exc)) from None
+            probabilities = defect_probabilities(self.net, batch)
+            frame = pd.DataFrame(
+                {
+                    "label": label_names(decide(probabilities, threshold)),
+                    "defect_probability": probabilities.astype(np.float64),
+                    "threshold": threshold,
+                }
+            )
+            if params.get("explain"):
+                from qi.explain import heatmaps, overlay_png
 
-    def predict(self, context, model_input, params: dict[str, Any] | None = None) -> pd.DataFrame:
-        params = params or {}
-        requested = params.get("threshold")
-        threshold = self.spec.threshold if requested is None else float(requested)
-        try:
-            items = images_from_input(model_input)
-            if not items:
-                raise ValueError("empty batch: send at least one image")
-            batch = prepare_batch(items, self.spec.preprocess)
-        except ValueError as exc:
-            raise InvalidImageInput(str(exc)) from None
-        probabilities = defect_probabilities(self.net, batch)
-        frame = pd.DataFrame(
-            {
-                "label": label_names(decide(probabilities, threshold)),
-                "defect_probability": probabilities.astype(np.float64),
-                "threshold": threshold,
-            }
-        )
-        if params.get("explain"):
-            from qi.explain import heatmaps, overlay_png
-
-            maps = heatmaps(self.net, batch)
-            frame["heatmap"] = [overlay_png(i, m) for i, m in zip(batch, maps, strict=True)]
-        return frame
-
-
-_type_hint_advice.__exit__(None, None, None)
+                maps = heatmaps(self.net, batch)
+                frame["heatmap"] = [overlay_png(i, m) for i, m in zip(batch, maps, strict=True)]
+            return frame
 
 
 def encode_png(image: np.ndarray) -> bytes:

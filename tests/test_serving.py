@@ -18,7 +18,15 @@ from click.testing import CliRunner
 
 from qi.cli import cli
 from qi.inference import defect_probabilities, prepare_batch
-from qi.services import answers, free_port, interpreter_env, start, stop, wait_until
+from qi.services import (
+    answers,
+    dockerfile_command,
+    free_port,
+    interpreter_env,
+    start,
+    stop,
+    wait_until,
+)
 from qi.serving import as_model_input
 
 PROJECT = Path(__file__).resolve().parent.parent
@@ -113,15 +121,6 @@ def test_bad_inputs_name_the_row(champion):
         as_model_input(np.zeros((4, 4), np.uint8))
 
 
-def _dockerfile_command(name: str) -> str:
-    """The shell command of a Dockerfile's exec-form CMD ["sh", "-c", "..."]."""
-    text = (PROJECT / "docker" / name).read_text()
-    line = [ln for ln in text.splitlines() if ln.startswith("CMD ")][-1]
-    argv = json.loads(line[len("CMD ") :])
-    assert argv[:2] == ["sh", "-c"]
-    return argv[2]
-
-
 def _post(url: str, payload: dict) -> tuple[int, dict]:
     request = urllib.request.Request(
         url, data=json.dumps(payload).encode(), headers={"Content-Type": "application/json"}
@@ -141,7 +140,7 @@ def test_rest_serving_with_the_docker_command(champion):
     env = interpreter_env(
         MODEL_URI="models:/quality-inspector@champion", PORT=str(port), WORKERS="1"
     )
-    command = _dockerfile_command("serve.Dockerfile").replace("0.0.0.0", "127.0.0.1")
+    command = dockerfile_command("serve.Dockerfile").replace("0.0.0.0", "127.0.0.1")
     server = start(["sh", "-c", command], env=env)
     url = f"http://127.0.0.1:{port}/invocations"
     try:
@@ -184,7 +183,7 @@ def test_rest_serving_with_the_docker_command(champion):
 
 
 def test_tracking_server_command_uses_real_flags():
-    command = _dockerfile_command("tracking.Dockerfile")
+    command = dockerfile_command("tracking.Dockerfile")
     help_text = subprocess.run(
         [sys.executable, "-m", "mlflow", "server", "--help"], capture_output=True, text=True
     ).stdout

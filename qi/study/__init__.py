@@ -101,29 +101,46 @@ def tune(
             Tag.DATA_ROOT: str(first.root),
         },
     )
-    with training_run(base.tracking, tags=tags) as parent_run_id:
-        beat = WorkerBeat(study, parent_run_id, config.heartbeat_interval).start()
-        ending = "failed"
-        try:
-            outcome = _work(
-                study,
-                base,
-                config,
-                data,
-                tags,
-                parent_run_id,
-                (existing, stale),
-                progress,
-                heartbeats=isinstance(storage, optuna.storages.RDBStorage),
-            )
-            ending = "finished"
-        except KeyboardInterrupt:
-            ending = "interrupted"
-            raise
-        finally:
-            beat.stop(ending)
-    outcome.study = study
-    return outcome
+    with (
+        training_run(base.tracking, tags=tags) as parent_run_id,
+        WorkerBeat(study, parent_run_id, config.heartbeat_interval),
+    ):
+        mlflow.set_tags(tags)
+        # named after the study, also under `mlflow run` (whose names are made up)
+        name = mlflow.get_run(parent_run_id).info.run_name
+        if base.tracking.run_name is None and generated_run_name(name):
+            mlflow.set_tag(Tag.RUN_NAME, f"{config.study_name}-study")
+        public = replace(config, storage=redacted(config.storage))  # no password in artifacts
+        log_run_config({"base": to_dict(base), "tune": to_dict(public)}, parent_run_id)
+        mlflow.log_params({k: str(v)[:6000] for k, v in describe(config).items()})
+        log_config(base.data, parent_run_id, prefix="data.")  # trials' own params are on them
+        log_metrics({"trials_before": existing, "stale_trials_failed": stale}, parent_run_id)
+        log_prepared_data(first, parent_run_id)
+        if existing == 0 and config.start_with_defaults:
+            for params in starting_trials(base, config.space):
+                study.enqueue_trial(params, skip_if_exists=True)
+        if existing == 0:
+            for params in config.enqueue:  # as the user listed them, repeats included
+                study.enqueue_trial(params)
+        budget = config.deadline_seconds
+        deadline = None if budget is None else time.monotonic() + budget
+        runner = TrialRunner(base, config, parent_run_id, data, deadline, progress)
+        heartbeats = isinstance(storage, optuna.storages.RDBStorage)
+        run_until_settled(study, runner, config, deadline, heartbeats)
+        trials = study.trials
+        mine = [t for t in trials if t.user_attrs.get(TrialAttr.PARENT_RUN_ID) == parent_run_id]
+        counts = {s.name.lower(): sum(t.state == s for t in mine) for s in TrialState}
+        totals = {f"trials_{k}": v for k, v in counts.items() if v}
+        log_metrics(totals | {"trials_total": len(trials)}, parent_run_id)
+        log_study_report(study, parent_run_id)
+        close_dead_workers(study, config.grace_period)
+        best = best_trial(study)
+        if best is None:
+            log.warning("study %s has no completed trial yet", config.study_name)
+            return TuneOutcome(parent_run_id, study, None, None, None)
+        outcome = finish_best(best, data, base, config, parent_run_id)
+        outcome.study = study
+        return outcome
 
 
 def load_or_create_study(
@@ -159,56 +176,6 @@ def load_or_create_study(
             f"but {config.metric} must {direction}: use another --study-name"
         )
     return study
-
-
-def _work(
-    study: optuna.Study,
-    base: RunConfig,
-    config: TuneConfig,
-    data: DataByImageSize,
-    tags: dict[str, str],
-    parent_run_id: str,
-    before: tuple[int, int],
-    progress: bool,
-    heartbeats: bool,
-) -> TuneOutcome:
-    """Everything a worker does inside its parent run: trials, then the best model."""
-    existing, stale = before
-    first = data.get(base.data.image_size)
-    mlflow.set_tags(tags)
-    # named after the study, also under `mlflow run` (whose names are made up)
-    name = mlflow.get_run(parent_run_id).info.run_name
-    if base.tracking.run_name is None and generated_run_name(name):
-        mlflow.set_tag(Tag.RUN_NAME, f"{config.study_name}-study")
-    public = replace(config, storage=redacted(config.storage))  # no password in artifacts
-    log_run_config({"base": to_dict(base), "tune": to_dict(public)}, parent_run_id)
-    mlflow.log_params({k: str(v)[:6000] for k, v in describe(config).items()})
-    log_config(base.data, parent_run_id, prefix="data.")  # trials' own params are on them
-    log_metrics({"trials_before": existing, "stale_trials_failed": stale}, parent_run_id)
-    log_prepared_data(first, parent_run_id)
-    if existing == 0 and config.start_with_defaults:
-        for params in starting_trials(base, config.space):
-            study.enqueue_trial(params, skip_if_exists=True)
-    if existing == 0:
-        for params in config.enqueue:  # as the user listed them, repeats included
-            study.enqueue_trial(params)
-    budget = config.deadline_seconds
-    deadline = None if budget is None else time.monotonic() + budget
-    runner = TrialRunner(base, config, parent_run_id, data, deadline, progress)
-    run_until_settled(study, runner, config, deadline, heartbeats)
-    mine = [t for t in study.trials if t.user_attrs.get(TrialAttr.PARENT_RUN_ID) == parent_run_id]
-    counts = {s.name.lower(): sum(t.state == s for t in mine) for s in TrialState}
-    log_metrics(
-        {f"trials_{k}": v for k, v in counts.items() if v} | {"trials_total": len(study.trials)},
-        parent_run_id,
-    )
-    log_study_report(study, parent_run_id)
-    close_dead_workers(study, config.grace_period)
-    best = best_trial(study)
-    if best is None:
-        log.warning("study %s has no completed trial yet", config.study_name)
-        return TuneOutcome(parent_run_id, study, None, None, None)
-    return finish_best(best, data, base, config, parent_run_id)
 
 
 def run_until_settled(

@@ -191,6 +191,15 @@ class WorkerBeat:
             except Exception as exc:  # a lost beat is retried; a dead database ends the study
                 log.warning("worker heartbeat not recorded: %s", str(exc).splitlines()[0])
 
+    def __enter__(self) -> WorkerBeat:
+        return self.start()
+
+    def __exit__(self, kind, error, trace) -> None:
+        if kind is None:
+            self.stop(FINISHED)
+        else:
+            self.stop("interrupted" if issubclass(kind, KeyboardInterrupt) else "failed")
+
     def stop(self, state: str = FINISHED) -> None:
         self._stopped.set()
         self._thread.join(timeout=self.interval + 5)

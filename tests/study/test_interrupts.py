@@ -34,6 +34,7 @@ import mlflow, optuna
 from click.testing import CliRunner
 from qi import interrupts
 from qi.cli import cli
+from qi.study.setup import open_storage
 
 data_dir, root, cases = sys.argv[1], Path(sys.argv[2]), json.loads(sys.argv[3])
 
@@ -73,8 +74,7 @@ for index, (phase, occurrence, how) in enumerate(cases):
     runs = mlflow.search_runs(search_all_experiments=True, output_format="list")
     trials = []
     try:
-        storage = optuna.storages.JournalStorage(
-            optuna.storages.journal.JournalFileBackend(str(folder / "s.journal")))
+        storage = open_storage(str(folder / "s.journal"), uri)
         trials = [t.state.name for t in optuna.load_study(study_name="s", storage=storage).trials]
     except Exception:
         pass
