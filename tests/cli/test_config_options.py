@@ -92,10 +92,16 @@ def test_an_option_set_in_several_configs_is_one_option():
     assert len(flags) == len(set(flags))
 
 
-def test_choices_come_from_the_registries_that_own_them():
-    from qi.fit import OPTIMIZERS
+def test_choices_are_the_names_the_registries_hold():
+    import numpy as np
+
+    from qi.choices import POOLINGS, PROMOTION_METRICS, STAGE_METRICS
+    from qi.evaluation.metrics import binary_metrics
+    from qi.fit.module import STAGE_METRICS as COMPUTED
+    from qi.fit.optimizers import OPTIMIZERS
     from qi.models import model_names
-    from qi.study.setup import PRUNERS, SAMPLERS
+    from qi.models.cnn import ACTIVATIONS
+    from qi.study.sampling import PRUNERS, SAMPLERS
 
     def declared(cls):
         return {f.name: declaration_of(f) for f in dataclasses.fields(cls) if declaration_of(f)}
@@ -103,7 +109,22 @@ def test_choices_come_from_the_registries_that_own_them():
     assert declared(TuneConfig)["sampler"].choice_names() == tuple(SAMPLERS)
     assert declared(TuneConfig)["pruner"].choice_names() == tuple(PRUNERS)
     assert declared(ModelConfig)["name"].choice_names() == tuple(model_names())
+    assert declared(ModelConfig)["activation"].choice_names() == tuple(ACTIVATIONS)
     assert declared(TrainConfig)["optimizer"].choice_names() == tuple(OPTIMIZERS)
+    assert tuple(COMPUTED) == STAGE_METRICS
+    assert set(PROMOTION_METRICS) <= set(binary_metrics(np.array([0, 1]), np.array([0.2, 0.9])))
+    for pooling in POOLINGS:
+        from qi.models.parts import GlobalPool
+
+        GlobalPool(pooling)  # each name builds
+
+
+def test_a_timm_architecture_is_a_model_choice_and_an_empty_one_is_not():
+    assert ModelConfig(name="timm:convnext_nano").name == "timm:convnext_nano"
+    with pytest.raises(ValueError, match="names no architecture"):
+        ModelConfig(name="timm:")
+    with pytest.raises(ValueError, match="timm:<name>"):
+        ModelConfig(name="vgg")
 
 
 def test_configs_built_in_python_are_checked_like_the_command_line():

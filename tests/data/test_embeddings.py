@@ -31,7 +31,7 @@ def test_features_are_computed_once_and_keyed_on_pixels_and_weights(frozen_lite,
     other_pixels = cache.embeddings(frozen_lite, _images(1), views=1, progress=False)
     assert not np.allclose(other_pixels[0], first[0])
     with torch.no_grad():
-        frozen_lite.encoder.model._conv_head.weight.mul_(1.5)
+        frozen_lite.encoder.model.conv_head.weight.mul_(1.5)
     other_weights = cache.embeddings(frozen_lite, images, views=1, progress=False)
     assert not np.allclose(other_weights[0], first[0])
     assert len(list((session_cache / "embeddings").glob("*.npy"))) == len(files) + 2
