@@ -23,6 +23,7 @@ import qi
 from qi.config import ModelConfig, from_dict
 from qi.data.preprocessing import ImageDecodeError, PreprocessConfig, decode_image, preprocess
 from qi.models import InspectionNet, build_model
+from qi.models.weights import fit_state_dict
 
 LABELS = ("ok", "defective")  # index = decision (0 ok, 1 defective)
 
@@ -70,6 +71,7 @@ def load_network(spec: ModelSpec, weights_file: Path) -> InspectionNet:
     head_only = not any(key.startswith("encoder.") for key in state)
     model = spec.model if head_only else replace(spec.model, pretrained=None)
     net = build_model(model, spec.preprocess.channels, spec.preprocess.image_size)
+    state = encoder_in_current_layout(net, state, str(weights_file))
     missing, unexpected = net.load_state_dict(state, strict=False)
     if unexpected or any(not key.startswith("encoder.") for key in missing):
         raise ValueError(
@@ -79,6 +81,26 @@ def load_network(spec: ModelSpec, weights_file: Path) -> InspectionNet:
     if missing and not head_only:
         raise ValueError(f"{weights_file} lacks encoder weights {missing[:3]}")
     return net.eval().to(memory_format=torch.channels_last)
+
+
+def encoder_in_current_layout(
+    net: InspectionNet, state: dict[str, torch.Tensor], origin: str
+) -> dict[str, torch.Tensor]:
+    """A trained state with its encoder's tensors under ``net``'s names.
+
+    Models logged before qi built its backbones with timm hold the encoder under the names of
+    ``efficientnet-lite-pytorch`` or torchvision (``encoder.model._blocks.0...``): the same
+    tensors in the same order, so they map by order, each shape checked
+    (:func:`qi.models.weights.fit_state_dict`). A state in today's layout passes unchanged.
+    """
+    prefix = "encoder."
+    theirs = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
+    ours = {k[len(prefix) :]: v for k, v in net.state_dict().items() if k.startswith(prefix)}
+    if not theirs or theirs.keys() == ours.keys():
+        return state
+    mapped = fit_state_dict(theirs, ours, origin, leftover=0, network="its encoder")
+    rest = {k: v for k, v in state.items() if not k.startswith(prefix)}
+    return rest | {prefix + k: v for k, v in mapped.items()}
 
 
 def trained_state(net: InspectionNet) -> dict[str, torch.Tensor]:
@@ -154,6 +176,7 @@ __all__ = [
     "checked_array",
     "decide",
     "defect_probabilities",
+    "encoder_in_current_layout",
     "label_names",
     "load_network",
     "trained_state",

@@ -46,6 +46,7 @@ from qi.inference import (
     prepare_batch,
 )
 from qi.models import InspectionNet
+from qi.tags import Artifact
 
 IMAGE_COLUMN = "image"
 WEIGHTS_ARTIFACT = "weights"
@@ -200,7 +201,7 @@ with warnings.catch_warnings(record=True):
                 }
             )
             if params.get("explain"):
-                from qi.explain import heatmaps, overlay_png
+                from qi.heatmaps import heatmaps, overlay_png
 
                 maps = heatmaps(self.net, batch)
                 frame["heatmap"] = [overlay_png(i, m) for i, m in zip(batch, maps, strict=True)]
@@ -240,7 +241,7 @@ def pip_requirements() -> list[str]:
     names = [
         "torch",
         "torchvision",
-        "efficientnet-lite-pytorch",  # the architecture; the weights travel with the model
+        "timm",  # the architectures of the backbones; the weights travel with the model
         "grad-cam",  # params={"explain": true}
         "opencv-python-headless",
         "pillow",
@@ -261,7 +262,7 @@ def pip_requirements() -> list[str]:
 
 
 def log_inspection_model(
-    net: InspectionNet, spec: ModelSpec, example_image: np.ndarray, name: str = "model"
+    net: InspectionNet, spec: ModelSpec, example_image: np.ndarray, name: str = Artifact.MODEL
 ) -> mlflow.models.model.ModelInfo:
     """Log the pyfunc model to the active run; returns MLflow's ModelInfo."""
     example = pd.DataFrame({IMAGE_COLUMN: [encode_png(example_image)]})

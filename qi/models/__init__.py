@@ -11,19 +11,19 @@ and training all feed it the same uint8 tensors. ``finetune`` says which part le
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
+from qi.choices import FINETUNE_MODES, TIMM_PREFIX
 from qi.config import ModelConfig
-from qi.data.augmentation import dihedral_view
-from qi.models.backbones import BACKBONES, WeightsNotFoundError
 from qi.models.cnn import ACTIVATIONS, InspectionCNN
+from qi.models.encoders import BACKBONES, FeatureStage, backbone_of
 from qi.models.parts import POOLINGS, build_head
-
-FINETUNE_MODES = ("head", "last", "all")
+from qi.models.weights import WeightsMismatchError, WeightsNotFoundError
+from qi.views import dihedral_view
 
 
 class InspectionNet(nn.Module):
@@ -52,6 +52,16 @@ class InspectionNet(nn.Module):
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.head(self.embed(images)).reshape(-1)
 
+    @property
+    def feature_info(self) -> tuple[FeatureStage, ...]:
+        """The encoder's intermediate stages: name, channels, stride."""
+        return self.encoder.feature_info
+
+    def stage_features(self, images: torch.Tensor, indices: Sequence[int]) -> list[torch.Tensor]:
+        """Feature maps of the encoder's stages ``indices`` (positions in ``feature_info``)
+        for uint8 images, normalised as the encoder's weights expect."""
+        return self.encoder.stage_features((images.float() - self.mean) / self.std, indices)
+
     def probabilities(self, images: torch.Tensor) -> torch.Tensor:
         """Defect probability per image, averaged over ``test_time_views`` flips/rotations."""
         views = [dihedral_view(images, k) for k in range(self.test_time_views)]
@@ -62,12 +72,12 @@ class InspectionNet(nn.Module):
         if mode not in FINETUNE_MODES:
             raise ValueError(f"unknown finetune '{mode}': choose one of {FINETUNE_MODES}")
         self.finetune = mode
-        stages = list(self.encoder.stages)
-        learning = {"head": 0, "last": max(1, len(stages) // 3), "all": len(stages)}[mode]
+        units = list(self.encoder.units)
+        learning = {"head": 0, "last": max(1, len(units) // 3), "all": len(units)}[mode]
         for parameter in self.encoder.parameters():
             parameter.requires_grad = mode == "all"
-        for stage in stages[len(stages) - learning :]:
-            for parameter in stage.parameters():
+        for unit in units[len(units) - learning :]:
+            for parameter in unit.parameters():
                 parameter.requires_grad = True
         self.train(self.training)
 
@@ -107,21 +117,24 @@ def _cnn(config: ModelConfig, channels: int, image_size: int) -> nn.Module:
     )
 
 
-def _backbone(name: str) -> Callable[[ModelConfig, int, int], nn.Module]:
+def _encoder_of(name: str) -> Callable[[ModelConfig, int, int], nn.Module]:
     def build(config: ModelConfig, channels: int, image_size: int) -> nn.Module:
-        weights = None if config.pretrained in (None, "", "none") else config.pretrained
-        return BACKBONES[name].build(weights, channels, image_size, config.pooling)
+        return backbone_of(name).build(config.pretrained, channels, config.pooling)
 
     return build
 
 
-# name -> architecture; the config's --model choices come from here
+def _architecture_of_backbone(name: str) -> Architecture:
+    backbone = backbone_of(name)
+    return Architecture(
+        _encoder_of(name), backbone.mean, backbone.std, True, image_size=backbone.image_size
+    )
+
+
+# name -> architecture (keyed by qi.choices.MODELS); timm:<name> is built on demand
 MODELS: dict[str, Architecture] = {
     "cnn": Architecture(_cnn, (127.5,) * 3, (63.75,) * 3, pretrained=False, image_size=None),
-    **{
-        name: Architecture(_backbone(name), b.mean, b.std, pretrained=True, image_size=b.image_size)
-        for name, b in BACKBONES.items()
-    },
+    **{name: _architecture_of_backbone(name) for name in BACKBONES},
 }
 
 
@@ -129,23 +142,31 @@ def model_names() -> list[str]:
     return list(MODELS)
 
 
+def architecture_of(name: str) -> Architecture:
+    """The architecture named ``name`` (one of :data:`MODELS` or ``timm:<name>``); raises
+    ValueError naming the choices."""
+    if name.startswith(TIMM_PREFIX):
+        return _architecture_of_backbone(name)
+    try:
+        return MODELS[name]
+    except KeyError:
+        raise ValueError(
+            f"unknown model '{name}': choose one of {', '.join(MODELS)} or {TIMM_PREFIX}<name>"
+        ) from None
+
+
 def is_pretrained(config: ModelConfig) -> bool:
     """Whether ``config`` starts from pretrained weights (a backbone with weights)."""
-    return MODELS[config.name].pretrained and config.pretrained not in (None, "", "none")
+    return config.name != "cnn" and config.pretrained not in (None, "", "none")
 
 
 def build_model(config: ModelConfig, channels: int, image_size: int | None = None) -> InspectionNet:
     """The network for ``config`` and images of ``channels`` x ``image_size`` px.
 
     Raises ValueError naming the choices on an unknown name, WeightsNotFoundError when
-    pretrained weights are not on disk.
+    pretrained weights are not on disk, WeightsMismatchError when a file does not fit.
     """
-    try:
-        architecture = MODELS[config.name]
-    except KeyError:
-        raise ValueError(
-            f"unknown model '{config.name}': choose one of {', '.join(MODELS)}"
-        ) from None
+    architecture = architecture_of(config.name)
     size = image_size or architecture.image_size or 128
     encoder = architecture.encoder(config, channels, size)
     head = build_head(encoder.feature_dim, config.dropout, config.head_hidden)
@@ -164,8 +185,11 @@ __all__ = [
     "FINETUNE_MODES",
     "MODELS",
     "POOLINGS",
+    "FeatureStage",
     "InspectionNet",
+    "WeightsMismatchError",
     "WeightsNotFoundError",
+    "architecture_of",
     "build_model",
     "is_pretrained",
     "model_names",

@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
+import torch
 from torch import nn
 
+from qi.models.encoders import FeatureStage
 from qi.models.parts import GlobalPool
 
+# name -> activation (keyed by qi.choices.ACTIVATIONS)
 ACTIVATIONS: dict[str, type[nn.Module]] = {
     "relu": nn.ReLU,
     "gelu": nn.GELU,
@@ -64,7 +69,10 @@ class InspectionCNN(nn.Module):
         )
         self.pool = GlobalPool(pool)
         self.feature_dim = channels[-1] * self.pool.multiplier
-        self.stages = list(self.features)
+        self.units = list(self.features)
+        self.feature_info = tuple(
+            FeatureStage(f"features.{i}", c, 2 ** (i + 1)) for i, c in enumerate(channels[1:])
+        )
 
     @property
     def cam_layer(self) -> nn.Module:
@@ -72,5 +80,15 @@ class InspectionCNN(nn.Module):
         block (8x8 for 128 px at depth 5) for Grad-CAM."""
         return self.features[-1][-2]
 
-    def forward(self, x):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.pool(self.features(x))
+
+    def stage_features(self, x: torch.Tensor, indices: Sequence[int]) -> list[torch.Tensor]:
+        """The outputs of blocks ``indices`` (positions in ``feature_info``)."""
+        indices = [i % len(self.features) for i in indices]
+        wanted, maps = set(indices), {}
+        for i, block in enumerate(self.features[: max(wanted) + 1]):
+            x = block(x)
+            if i in wanted:
+                maps[i] = x
+        return [maps[i] for i in indices]

