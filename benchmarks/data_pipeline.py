@@ -24,7 +24,7 @@ from torch import nn
 from qi.config import DataConfig, ModelConfig, SynthConfig, TrainConfig
 from qi.data import synth
 from qi.data.datamodule import InspectionDataModule, prepare_data
-from qi.fit import trainer_precision
+from qi.fit.precision import trainer_precision
 from qi.models import build_model
 
 

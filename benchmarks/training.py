@@ -25,7 +25,8 @@ from torch import nn
 
 from qi.config import DataConfig, RunConfig, SynthConfig, TrainConfig
 from qi.data.datamodule import InspectionDataModule, prepare_data
-from qi.fit import fit, trainer_precision
+from qi.fit import fit
+from qi.fit.precision import trainer_precision
 from qi.models import build_model
 
 
@@ -35,7 +36,7 @@ def plain_loop(config: RunConfig, data, epochs: int) -> float:
     bf16, device = config.train.precision == "bf16-mixed", "cpu"
     net = build_model(config.model, data.preprocess.channels).to(memory_format=torch.channels_last)
     module = InspectionDataModule(data, config.data)
-    loss_fn = nn.BCEWithLogitsLoss(pos_weight=torch.tensor(module.positive_weight()))
+    loss_fn = nn.BCEWithLogitsLoss(pos_weight=torch.tensor(data.positive_weight()))
     optimizer = torch.optim.AdamW(
         net.parameters(), lr=config.train.learning_rate, weight_decay=config.train.weight_decay
     )

@@ -9,7 +9,8 @@ import pytest
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
-from qi.fit import WarmEarlyStopping, metric_mode, validate_metric
+from qi.choices import metric_mode, validate_metric
+from qi.fit.callbacks import WarmEarlyStopping
 from qi.train import train
 
 

@@ -172,12 +172,6 @@ class InspectionDataModule(pl.LightningDataModule):
     def val_dataloader(self) -> DataLoader:
         return self._loader("val", train=False)
 
-    def test_dataloader(self) -> DataLoader:
-        return self._loader("test", train=False)
-
-    def positive_weight(self) -> float:
-        return self.data.positive_weight()
-
 
 class FeatureDataModule(pl.LightningDataModule):
     """Loaders over cached encoder features: each training view is a sample of its own,

@@ -1,0 +1,145 @@
+"""Fitting one configuration: the Trainer, the data it sees, the best epoch restored."""
+
+from __future__ import annotations
+
+import tempfile
+import time
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import lightning.pytorch as pl
+import mlflow
+import torch
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from torch import nn
+
+from qi.choices import metric_mode, validate_metric
+from qi.config import RunConfig
+from qi.data.datamodule import FeatureDataModule, InspectionDataModule, PreparedData
+from qi.data.embeddings import embeddings
+from qi.fit.callbacks import (
+    AttachedMLFlowLogger,
+    Checkpoints,
+    WarmEarlyStopping,
+    fit_interruptibly,
+)
+from qi.fit.module import InspectionModule
+from qi.fit.precision import trainer_precision
+from qi.models import InspectionNet, build_model
+from qi.models.parts import HeadOnViews
+
+
+@dataclass
+class FitResult:
+    net: InspectionNet  # best epoch's weights, in eval mode on the CPU
+    best_epoch: int
+    epochs_run: int
+    val_metrics: dict[str, float]  # at the best epoch
+    history: list[dict[str, float]] = field(default_factory=list)
+    seconds: float = 0.0
+    images_per_second: float = 0.0
+
+
+def fit(
+    config: RunConfig,
+    data: PreparedData,
+    run_id: str | None,
+    callbacks: Sequence[Callback] = (),
+    progress: bool = True,
+) -> FitResult:
+    """Train ``config`` on ``data``, logging per-epoch metrics to MLflow run ``run_id``."""
+    train = config.train
+    monitor = validate_metric(train.monitor)
+    pl.seed_everything(train.seed, workers=True, verbose=False)
+    net = build_model(config.model, data.preprocess.channels, data.preprocess.image_size)
+    if net.finetune == "head":  # a frozen encoder: train the head on its cached features
+        datamodule = feature_datamodule(net, data, config, progress)
+        learner: nn.Module = HeadOnViews(net.head)
+    else:
+        datamodule, learner = InspectionDataModule(data, config.data), net
+    weight = data.positive_weight() if train.balance_classes else 1.0
+    module = InspectionModule(learner, train, positive_weight=weight)
+    # channels_last: faster convolutions on CPU (oneDNN) and on GPU tensor cores alike
+    module = module.to(memory_format=torch.channels_last)
+    logger = None
+    if run_id is not None:
+        logger = AttachedMLFlowLogger(tracking_uri=mlflow.get_tracking_uri(), run_id=run_id)
+    with tempfile.TemporaryDirectory(prefix="qi-ckpt-") as ckpt_dir:
+        checkpoint = ModelCheckpoint(
+            dirpath=ckpt_dir,
+            monitor=monitor,
+            mode=metric_mode(monitor),
+            save_top_k=1,
+            save_weights_only=True,
+        )
+        stopper = WarmEarlyStopping(
+            monitor=monitor,
+            mode=metric_mode(monitor),
+            patience=train.early_stopping_patience,
+            min_epochs=train.early_stopping_after,
+        )
+        limit = train.limit_batches
+        trainer = pl.Trainer(
+            max_epochs=train.epochs,
+            accelerator=train.accelerator,
+            devices=1,
+            precision=trainer_precision(train),
+            logger=logger if logger is not None else False,
+            callbacks=[checkpoint, stopper, Checkpoints(), *callbacks],
+            enable_progress_bar=progress,
+            enable_model_summary=False,
+            deterministic=train.deterministic,
+            num_sanity_val_steps=0,
+            limit_train_batches=limit,
+            limit_val_batches=limit,
+            default_root_dir=ckpt_dir,
+            log_every_n_steps=1,
+            max_time=None if train.max_seconds is None else {"seconds": max(train.max_seconds, 1)},
+        )
+        started = time.perf_counter()
+        with warnings.catch_warnings():
+            # on 2 cores with in-memory data, extra loader workers cost more than they give
+            warnings.filterwarnings("ignore", ".*does not have many workers.*")
+            fit_interruptibly(trainer, module, datamodule)
+        seconds = time.perf_counter() - started
+        if checkpoint.best_model_path:
+            state = torch.load(checkpoint.best_model_path, map_location="cpu", weights_only=True)
+            module.load_state_dict(state["state_dict"])
+        best = _best_epoch(module.history, monitor)
+    epochs_run = len(module.history)
+    n_train = int((data.frame["split"] == "train").sum())
+    if isinstance(limit, int):
+        n_train = min(n_train, limit * config.data.batch_size)
+    elif isinstance(limit, float):
+        n_train = int(n_train * limit)
+    net = net.to("cpu").eval()  # the head trained in place, also behind HeadOnViews
+    return FitResult(
+        net=net,
+        best_epoch=int(best.get("epoch", 0)),
+        epochs_run=epochs_run,
+        val_metrics={k: v for k, v in best.items() if k != "epoch"},
+        history=module.history,
+        seconds=seconds,
+        images_per_second=n_train * epochs_run / seconds if seconds > 0 else 0.0,
+    )
+
+
+def feature_datamodule(net, data: PreparedData, config: RunConfig, progress: bool):
+    """Cached features of the frozen encoder: every flip/rotation of the training images
+    (honest augmentation), the model's test-time views of the validation images; the head's
+    standardisation is set from the training features."""
+    train_images, train_labels = data.split("train")
+    val_images, val_labels = data.split("val")
+    train = embeddings(net, train_images, views=8, progress=progress)
+    val = embeddings(net, val_images, views=config.model.test_time_views, progress=progress)
+    net.head[0].set_from(torch.from_numpy(train.reshape(-1, train.shape[-1])))
+    return FeatureDataModule(train, train_labels, val, val_labels, config.data)
+
+
+def _best_epoch(history: list[dict[str, float]], monitor: str) -> dict[str, float]:
+    scored = [h for h in history if monitor in h and h[monitor] == h[monitor]]  # drop NaN
+    if not scored:
+        return history[-1] if history else {}
+    pick = min if metric_mode(monitor) == "min" else max
+    return pick(scored, key=lambda h: h[monitor])

@@ -1,0 +1,126 @@
+"""The LightningModule: a binary defect classifier around any network, with per-stage metrics.
+
+One shared :meth:`InspectionModule.model_step` for training and validation; the metrics of each
+stage are their own torchmetrics collection, logged as ``train/<m>`` and ``val/<m>`` per epoch
+(step = epoch). The test split is not scored here but by :mod:`qi.evaluation`, once, at the
+chosen threshold.
+"""
+
+from __future__ import annotations
+
+import lightning.pytorch as pl
+import torch
+from torch import nn
+from torchmetrics import MetricCollection
+from torchmetrics.classification import (
+    BinaryAccuracy,
+    BinaryAUROC,
+    BinaryF1Score,
+    BinaryPrecision,
+    BinaryRecall,
+)
+
+from qi.config import TrainConfig
+from qi.fit.optimizers import OPTIMIZERS
+
+# name -> torchmetrics class (keyed by qi.choices.STAGE_METRICS), computed per stage and epoch
+# with the defective class as the positive one
+STAGE_METRICS = {
+    "f1": BinaryF1Score,
+    "auroc": BinaryAUROC,
+    "acc": BinaryAccuracy,
+    "defect_recall": BinaryRecall,
+    "precision": BinaryPrecision,
+}
+STAGES = ("train", "val")
+
+
+def classification_metrics() -> MetricCollection:
+    """One stage's metrics (see :data:`STAGE_METRICS`)."""
+    return MetricCollection({name: metric() for name, metric in STAGE_METRICS.items()})
+
+
+class InspectionModule(pl.LightningModule):
+    """Binary defect classifier around any :class:`InspectionNet`."""
+
+    def __init__(self, net: nn.Module, config: TrainConfig, positive_weight: float = 1.0):
+        super().__init__()
+        self.net = net
+        self.config = config
+        self.loss_fn = nn.BCEWithLogitsLoss(pos_weight=torch.tensor(positive_weight))
+        self.stage_metrics = nn.ModuleDict(
+            {f"{stage}_metrics": classification_metrics() for stage in STAGES}
+        )
+        self.history: list[dict[str, float]] = []  # validation figures per epoch
+
+    def forward(self, inputs: torch.Tensor) -> torch.Tensor:
+        return self.net(inputs)
+
+    def parameter_groups(self) -> list[dict]:
+        """What learns: a pretrained encoder's layers at ``encoder_lr_scale`` times the
+        learning rate (they start from good weights), everything else at the full rate."""
+        encoder = getattr(self.net, "encoder", None)
+        pretrained = encoder is not None and getattr(self.net, "pretrained", False)
+        learning = [p for p in self.net.parameters() if p.requires_grad]
+        if not pretrained:
+            return [{"params": learning}]
+        in_encoder = {id(p) for p in encoder.parameters()}
+        scale = self.config.encoder_lr_scale
+        groups = [
+            {"params": [p for p in learning if id(p) not in in_encoder]},
+            {
+                "params": [p for p in learning if id(p) in in_encoder],
+                "lr": self.config.learning_rate * scale,
+            },
+        ]
+        return [g for g in groups if g["params"]]
+
+    def model_step(self, batch, stage: str) -> torch.Tensor:
+        inputs, labels = batch
+        if inputs.dim() == 4:  # images; features are (N, views, D)
+            inputs = inputs.contiguous(memory_format=torch.channels_last)
+        logits = self(inputs)
+        loss = self.loss_fn(logits, labels)
+        self.stage_metrics[f"{stage}_metrics"].update(
+            torch.sigmoid(logits.detach().float()), labels.long()
+        )
+        self.log(
+            f"{stage}/loss",
+            loss,
+            on_step=False,
+            on_epoch=True,
+            batch_size=len(labels),
+            prog_bar=True,
+        )
+        return loss
+
+    def training_step(self, batch, batch_idx):
+        return self.model_step(batch, "train")
+
+    def validation_step(self, batch, batch_idx):
+        self.model_step(batch, "val")
+
+    def _log_epoch_metrics(self, stage: str) -> dict[str, float]:
+        metrics = self.stage_metrics[f"{stage}_metrics"]
+        values = {f"{stage}/{k}": v for k, v in metrics.compute().items()}
+        metrics.reset()
+        # "step" makes Lightning log this epoch's figures at step=epoch: curves per epoch
+        self.log_dict({**values, "step": float(self.current_epoch)}, prog_bar=False)
+        return {k: float(v) for k, v in values.items()}
+
+    def on_train_epoch_end(self) -> None:
+        self._log_epoch_metrics("train")
+
+    def on_validation_epoch_end(self) -> None:
+        if self.trainer.sanity_checking:
+            self.stage_metrics["val_metrics"].reset()
+            return
+        values = self._log_epoch_metrics("val")
+        values["val/loss"] = float(self.trainer.callback_metrics.get("val/loss", float("nan")))
+        self.history.append({"epoch": self.current_epoch, **values})
+
+    def configure_optimizers(self):
+        c = self.config
+        optimizer = OPTIMIZERS[c.optimizer](self.parameter_groups(), c)
+        schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(c.epochs, 1))
+        return {"optimizer": optimizer, "lr_scheduler": schedule}
