@@ -40,7 +40,7 @@ from _common import benchmark_args
 from qi.config import SynthConfig
 from qi.data import synth
 from qi.services import create_database, postgres_binaries, postgres_cluster, tracking_server
-from qi.study.setup import open_storage
+from qi.storage import open_storage
 
 
 def run_workers(

@@ -32,7 +32,8 @@ from qi.config import (
     TuneConfig,
 )
 from qi.data.datamodule import prepare_data
-from qi.evaluation import binary_metrics, score_split
+from qi.evaluation.metrics import binary_metrics
+from qi.evaluation.scoring import score_split
 from qi.study import load_trial_network, trial_rank, tune
 
 

@@ -10,20 +10,18 @@ The decision, the reason and both figures are tags on the version.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 import mlflow
 import numpy as np
 import pandas as pd
-from filelock import FileLock
 from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
 
-from qi.config import DataConfig, cache_dir, from_dict
-from qi.evaluation import PROMOTION_METRICS, binary_metrics
+from qi.choices import PROMOTION_METRICS
+from qi.config import DataConfig, from_dict
+from qi.evaluation.metrics import binary_metrics
 from qi.serving import IMAGE_COLUMN
 from qi.tags import Tag
 from qi.tracking import read_run_config
@@ -61,46 +59,6 @@ def register(model_uri: str, name: str, tags: dict[str, str], description: str) 
     except MlflowException:
         pass
     return client.get_model_version(name, version.version)
-
-
-@contextmanager
-def registration_lock(name: str, storage: str | None = None) -> Iterator[None]:
-    """Serialises check-register-promote of ``name`` among all workers of a study.
-
-    On a PostgreSQL study storage the lock is a PostgreSQL advisory lock in that database,
-    which every worker on every machine shares; otherwise (a journal file or sqlite, which
-    live on one machine) it is a file lock on this machine.
-    """
-    if storage and storage.split("://", 1)[0].startswith("postgresql"):
-        with _advisory_lock(storage, f"qi-registry:{name}"):
-            yield
-        return
-    folder = cache_dir() / "locks"
-    folder.mkdir(parents=True, exist_ok=True)
-    safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in name)
-    with FileLock(str(folder / f"registry-{safe}.lock"), timeout=600):
-        yield
-
-
-@contextmanager
-def _advisory_lock(url: str, key: str) -> Iterator[None]:
-    import hashlib
-
-    import sqlalchemy
-
-    from qi.study.setup import database_url
-
-    number = int.from_bytes(hashlib.sha256(key.encode()).digest()[:8], "big", signed=True)
-    engine = sqlalchemy.create_engine(database_url(url), poolclass=sqlalchemy.pool.NullPool)
-    try:
-        with engine.connect() as connection:
-            connection.execute(sqlalchemy.text("SELECT pg_advisory_lock(:k)"), {"k": number})
-            try:
-                yield
-            finally:
-                connection.execute(sqlalchemy.text("SELECT pg_advisory_unlock(:k)"), {"k": number})
-    finally:
-        engine.dispose()
 
 
 def version_of_trial_run(name: str, trial_run_id: str) -> ModelVersion | None:

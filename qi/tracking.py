@@ -276,3 +276,14 @@ def download_run_artifacts(run_id: str, artifact_path: str, dst_path: str) -> Pa
 
 def log_artifact_folder(run_id: str, folder: Path, artifact_path: str) -> None:
     mlflow.MlflowClient().log_artifacts(run_id, str(folder), artifact_path)
+
+
+def log_prepared_data(data: Any, run_id: str) -> None:
+    """Dataset input, split counts and skipped files of a run's data (a
+    :class:`qi.data.datamodule.PreparedData`: ``qi train``'s run and a study's parent run)."""
+    log_dataset(data.frame, data.root, data.digest, name=data.root.name, run_id=run_id)
+    counts = data.counts().reset_index()
+    log_table_artifact(counts, Artifact.SPLIT_COUNTS, run_id)
+    if data.skipped:
+        skipped = [{"path": p, "reason": r} for p, r in data.skipped.items()]
+        log_json_artifact(skipped, Artifact.SKIPPED_IMAGES, run_id)

@@ -13,21 +13,20 @@ import mlflow
 
 from qi.config import RunConfig
 from qi.data.datamodule import PreparedData, check_data_dir, prepare_data
-from qi.evaluation import Evaluation, evaluate
+from qi.evaluation.metrics import Evaluation
 from qi.evaluation.report import log_evaluation
+from qi.evaluation.scoring import evaluate
 from qi.fit import FitResult, fit
 from qi.inference import ModelSpec
 from qi.interrupts import checkpoint
 from qi.serving import log_inspection_model
-from qi.tags import Artifact, Kind, Tag
+from qi.tags import Kind, Tag
 from qi.tracking import (
     configure_tracking,
     log_config,
-    log_dataset,
-    log_json_artifact,
     log_metrics,
+    log_prepared_data,
     log_run_config,
-    log_table_artifact,
     standard_tags,
     training_run,
 )
@@ -42,16 +41,6 @@ class TrainOutcome:
     data: PreparedData
     model_uri: str | None
     evaluation: Evaluation | None = None
-
-
-def log_prepared_data(data: PreparedData, run_id: str) -> None:
-    """Dataset input, split counts and skipped files of a run's data."""
-    log_dataset(data.frame, data.root, data.digest, name=data.root.name, run_id=run_id)
-    counts = data.counts().reset_index()
-    log_table_artifact(counts, Artifact.SPLIT_COUNTS, run_id)
-    if data.skipped:
-        skipped = [{"path": p, "reason": r} for p, r in data.skipped.items()]
-        log_json_artifact(skipped, Artifact.SKIPPED_IMAGES, run_id)
 
 
 def train(config: RunConfig, progress: bool = True) -> TrainOutcome:

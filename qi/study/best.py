@@ -18,19 +18,19 @@ from optuna.trial import TrialState
 
 from qi.config import RunConfig, TuneConfig
 from qi.data.datamodule import PreparedData
-from qi.evaluation import Evaluation, evaluate
-from qi.evaluation.operating_point import views_on_validation
+from qi.evaluation.metrics import Evaluation
 from qi.evaluation.report import log_evaluation
+from qi.evaluation.scoring import evaluate, views_on_validation
 from qi.interrupts import checkpoint
+from qi.locks import registration_lock
 from qi.registry import (
     PromotionDecision,
     promote,
     register,
-    registration_lock,
     version_of_trial_run,
 )
 from qi.serving import log_inspection_model
-from qi.study.setup import storage_label
+from qi.storage import storage_label
 from qi.study.trials import DataByImageSize, load_trial_network
 from qi.tags import Tag, TrialAttr
 from qi.tracking import log_metrics

@@ -17,8 +17,8 @@ import optuna
 from mlflow.exceptions import MlflowException
 from optuna.trial import TrialState
 
+from qi.storage import StorageError, open_storage, public_label
 from qi.study.recovery import RUNNING, is_dead, worker_records
-from qi.study.setup import StorageError, open_storage, public_label
 from qi.tags import TrialAttr
 
 

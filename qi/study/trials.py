@@ -27,7 +27,7 @@ from qi.data.datamodule import PreparedData, prepare_data
 from qi.fit import fit
 from qi.inference import ModelSpec, load_network, trained_state
 from qi.study.recovery import worker_id
-from qi.study.setup import apply_params, suggest_params
+from qi.study.space import apply_params, suggest_params
 from qi.tags import Artifact, Kind, Tag, TrialAttr
 from qi.tags import TrialState as RunTrialState
 from qi.tracking import (

@@ -34,7 +34,7 @@ import mlflow, optuna
 from click.testing import CliRunner
 from qi import interrupts
 from qi.cli import cli
-from qi.study.setup import open_storage
+from qi.storage import open_storage
 
 data_dir, root, cases = sys.argv[1], Path(sys.argv[2]), json.loads(sys.argv[3])
 

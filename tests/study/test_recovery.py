@@ -10,7 +10,7 @@ import mlflow
 import optuna
 import pytest
 
-from qi.study.setup import open_storage
+from qi.storage import open_storage
 
 
 def _tune_command(data_dir, storage, n_trials, epochs=40):

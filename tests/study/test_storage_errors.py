@@ -46,8 +46,8 @@ def test_wrong_user_and_missing_database(tiny_casting, postgres_server, database
 
 def test_a_study_of_another_metric_or_direction(tiny_casting, tmp_path):
     from qi.config import TuneConfig
-    from qi.study import load_or_create_study
-    from qi.study.setup import open_storage
+    from qi.storage import open_storage
+    from qi.study.worker import load_or_create_study
 
     journal = str(tmp_path / "studies.journal")
     storage = open_storage(journal, "sqlite:///unused.db")
@@ -74,7 +74,8 @@ def test_grace_period_must_exceed_the_heartbeat(tiny_casting, tmp_path, interval
 
 def test_the_database_password_stays_out_of_what_others_read():
     from qi.config import TuneConfig
-    from qi.study.setup import describe, public_label, redacted
+    from qi.storage import public_label, redacted
+    from qi.study.space import describe
 
     url = "postgresql+psycopg2://qi:s3cret@db.internal:5432/optuna"
     assert redacted(url) == "postgresql+psycopg2://qi:***@db.internal:5432/optuna"

@@ -10,13 +10,13 @@ from optuna.trial import FixedTrial, TrialState
 
 from qi.config import DataConfig, ModelConfig, RunConfig, SearchSpace, TuneConfig
 from qi.options import json_objects
+from qi.storage import default_storage_path
 from qi.study import best_trial, tune
-from qi.study.setup import (
+from qi.study.space import (
     apply_params,
-    default_params,
-    default_storage_path,
     learning_rate_range,
     load_search_space,
+    starting_trials,
     suggest_params,
 )
 
@@ -78,10 +78,11 @@ def test_best_trial_breaks_objective_ties_by_validation_loss():
     assert best_trial(optuna.create_study()) is None
 
 
-def test_default_configuration_is_the_first_trial_when_inside_the_space():
-    params = default_params(RunConfig(), SearchSpace())
+def test_default_configuration_is_a_starting_trial_when_inside_the_space():
+    params = starting_trials(RunConfig(), SearchSpace())[-1]
     assert apply_params(RunConfig(), params) == RunConfig()
-    assert default_params(RunConfig(), SearchSpace(image_sizes=(64,))) is None
+    outside = starting_trials(RunConfig(), SearchSpace(image_sizes=(64,)))
+    assert all(apply_params(RunConfig(), p) != RunConfig() for p in outside)
 
 
 def test_search_space_file_and_enqueue_parsing(tmp_path):
@@ -280,7 +281,6 @@ def test_the_space_is_conditional_on_the_kind_of_model():
 
 
 def test_a_new_study_starts_cheap_then_with_qi_trains_configuration():
-    from qi.study.setup import starting_trials
 
     linear, hidden, second = starting_trials(RunConfig(), SearchSpace())
     head = apply_params(RunConfig(), linear)

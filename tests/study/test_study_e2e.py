@@ -9,7 +9,7 @@ import mlflow
 import optuna
 import pytest
 
-from qi.study.setup import open_storage
+from qi.storage import open_storage
 from tests.cli.test_mlproject_run import mlflow_run
 
 TINY_SPACE = {

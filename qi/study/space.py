@@ -1,4 +1,4 @@
-"""Setting a study up: storage, sampler, pruner, the search space and its mapping to configs.
+"""The search space and its mapping to configs: what a trial samples and what it sets.
 
 Optuna parameter names are the config's own dotted names (``train.learning_rate``,
 ``model.width``...), so a trial's params, its MLflow params and the best configuration all read
@@ -8,190 +8,15 @@ the same.
 from __future__ import annotations
 
 import json
-import time
-import warnings
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlparse
 
 import optuna
-from optuna.storages import JournalStorage, RDBStorage
-from optuna.storages.journal import JournalFileBackend
 
 from qi.config import RunConfig, SearchSpace, TuneConfig
-
-JOURNAL_FILE = "optuna-studies.journal"
-
-
-def default_storage_path(tracking_uri: str) -> Path:
-    """Next to a local sqlite tracking store; else in the working directory."""
-    parsed = urlparse(tracking_uri)
-    if parsed.scheme == "sqlite" and tracking_uri.startswith("sqlite:///"):
-        db_file = Path(tracking_uri[len("sqlite:///") :])
-        if str(db_file) not in ("", ":memory:"):
-            return db_file.expanduser().resolve().parent / JOURNAL_FILE
-    return Path.cwd() / JOURNAL_FILE
-
-
-def storage_label(storage: str | None, tracking_uri: str) -> str:
-    """What the user should pass as --storage to reach the same study."""
-    return storage or str(default_storage_path(tracking_uri))
-
-
-def public_label(storage: str | None, tracking_uri: str) -> str:
-    """:func:`storage_label` without a password, for what others read (tags, params)."""
-    return redacted(storage_label(storage, tracking_uri))
-
-
-class StorageError(RuntimeError):
-    """The study's storage cannot be used; the message says which and what to do."""
-
-
-@dataclass(frozen=True)
-class Heartbeat:
-    """Optuna's trial heartbeat on database storages (see :mod:`qi.study.recovery`)."""
-
-    interval: int = 20
-    grace_period: int = 60
-    max_retry: int = 2
-
-    def __post_init__(self) -> None:
-        if self.grace_period <= self.interval:
-            raise StorageError(
-                f"--grace-period {self.grace_period} must exceed --heartbeat-interval "
-                f"{self.interval}: a live worker would be declared dead"
-            )
-
-
-def database_url(url: str) -> str:
-    """A bare ``postgresql://`` means psycopg 3 to SQLAlchemy 2.1; qi installs psycopg2, so a
-    bare URL gets that driver when psycopg 3 is absent."""
-    import importlib.util
-
-    if url.startswith("postgresql://") and importlib.util.find_spec("psycopg") is None:
-        return "postgresql+psycopg2://" + url[len("postgresql://") :]
-    return url
-
-
-def redacted(url: str | None) -> str | None:
-    """The storage URL without its password: for messages, tags, params and status output."""
-    if url is None:
-        return None
-    parsed = urlparse(url)
-    if parsed.password:
-        return url.replace(f":{parsed.password}@", ":***@", 1)
-    return url
-
-
-def open_storage(
-    storage: str | None, tracking_uri: str, heartbeat: Heartbeat | None = None
-) -> optuna.storages.BaseStorage:
-    """A database URL (postgresql://, mysql://, sqlite://) or a journal file path.
-
-    A journal file is safe for several processes on one machine (file locks); a database lets
-    workers on many machines share one study, and with ``heartbeat`` a trial of a worker that
-    died anywhere is failed and retried. A database that cannot be reached, refuses the
-    credentials or lacks its driver is a :class:`StorageError`, before any training.
-    """
-    target = storage_label(storage, tracking_uri)
-    if "://" in target:
-        return _open_database(database_url(target), heartbeat)
-    path = Path(target).expanduser()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    return JournalStorage(JournalFileBackend(str(path)))
-
-
-def _open_database(url: str, heartbeat: Heartbeat | None) -> RDBStorage:
-    import sqlalchemy.exc
-
-    from qi.study.recovery import StaleTrialCleanup
-
-    beats = {}
-    if heartbeat is not None:
-        beats = dict(
-            heartbeat_interval=heartbeat.interval,
-            grace_period=heartbeat.grace_period,
-            heartbeat_stale_trial_callback=StaleTrialCleanup(heartbeat.max_retry),
-        )
-    try:
-        for attempt in range(5):
-            try:
-                with warnings.catch_warnings():
-                    warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-                    return RDBStorage(url, engine_kwargs={"pool_pre_ping": True}, **beats)
-            except sqlalchemy.exc.IntegrityError:
-                # workers starting together on a new database all create Optuna's schema:
-                # one wins, the others find it made once they look again
-                if attempt == 4:
-                    raise
-                time.sleep(0.5 * (attempt + 1))
-    except (ImportError, sqlalchemy.exc.NoSuchModuleError):
-        raise StorageError(
-            f"storage {redacted(url)}: its database driver is missing; install it (pip install "
-            "psycopg2-binary for postgresql+psycopg2://, mysqlclient for mysql://)"
-        ) from None
-    except sqlalchemy.exc.OperationalError as exc:
-        cause = str(exc.orig).strip().splitlines()[0] if exc.orig else str(exc)
-        raise StorageError(
-            f"storage {redacted(url)} cannot be used: {cause}; check the host, port, user, "
-            "password and database name"
-        ) from None
-    except sqlalchemy.exc.ArgumentError as exc:
-        raise StorageError(f"storage {redacted(url)} is not a database URL: {exc}") from None
-
-
-def _tpe(seed: int, epochs: int) -> optuna.samplers.BaseSampler:
-    # few startup trials: default budgets are tens of trials, not hundreds; group: the space
-    # is conditional (CNN and backbone parameters never appear together)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        return optuna.samplers.TPESampler(
-            seed=seed, n_startup_trials=5, multivariate=True, group=True
-        )
-
-
-def _random(seed: int, epochs: int) -> optuna.samplers.BaseSampler:
-    return optuna.samplers.RandomSampler(seed=seed)
-
-
-# name -> builder(seed, epochs per trial); the config's choices of sampler come from here
-SAMPLERS = {"tpe": _tpe, "random": _random}
-
-
-def _median(epochs: int) -> optuna.pruners.BasePruner:
-    # early validation F1 swings widely: judge a trial only in its second half
-    return optuna.pruners.MedianPruner(n_startup_trials=3, n_warmup_steps=epochs // 2)
-
-
-def _hyperband(epochs: int) -> optuna.pruners.BasePruner:
-    return optuna.pruners.HyperbandPruner(min_resource=1, max_resource=epochs)
-
-
-def _successive_halving(epochs: int) -> optuna.pruners.BasePruner:
-    return optuna.pruners.SuccessiveHalvingPruner(min_resource=1)
-
-
-def _no_pruning(epochs: int) -> optuna.pruners.BasePruner:
-    return optuna.pruners.NopPruner()
-
-
-# name -> builder(epochs per trial); the config's choices of pruner come from here
-PRUNERS = {
-    "median": _median,
-    "hyperband": _hyperband,
-    "successive_halving": _successive_halving,
-    "none": _no_pruning,
-}
-
-
-def build_sampler(name: str, seed: int, epochs: int = 0) -> optuna.samplers.BaseSampler:
-    return SAMPLERS[name](seed, epochs)
-
-
-def build_pruner(name: str, epochs: int) -> optuna.pruners.BasePruner:
-    return PRUNERS[name](epochs)
+from qi.storage import redacted
 
 
 def load_search_space(path: Path | None, base: SearchSpace | None = None) -> SearchSpace:
@@ -351,12 +176,6 @@ def params_of(config: RunConfig) -> dict[str, Any]:
             section, name = param.target.split(".", 1)
             params[param.name] = getattr(getattr(config, section), name)
     return params
-
-
-def default_params(base: RunConfig, space: SearchSpace) -> dict | None:
-    """``qi train``'s configuration as a trial, when the search space contains it."""
-    values = params_of(base)
-    return values if _inside(values, space) else None
 
 
 # the cheap candidate every study tries first: a linear head on the frozen features of the
