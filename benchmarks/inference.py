@@ -36,7 +36,7 @@ from _common import benchmark_args
 from qi.config import ModelConfig
 from qi.data.preprocessing import PreprocessConfig
 from qi.data.synth import render_casting
-from qi.explain import heatmaps
+from qi.heatmaps import heatmaps
 from qi.inference import ModelSpec, prepare_batch
 from qi.models import build_model
 from qi.serving import encode_png, log_inspection_model

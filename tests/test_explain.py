@@ -7,7 +7,7 @@ import pytest
 
 from qi.config import DataConfig, ModelConfig, RunConfig, SynthConfig, TrackingConfig, TrainConfig
 from qi.data import synth
-from qi.explain import heatmaps, peak
+from qi.heatmaps import heatmaps, peak
 
 
 def _inside(box: list[int], point: tuple[int, int], margin: float) -> bool:

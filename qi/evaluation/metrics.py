@@ -2,8 +2,9 @@
 
 The threshold is chosen on the *validation* split (:mod:`qi.evaluation.operating_point`) and
 the *test* split, never seen by training or tuning, reports the figures. Everything here is
-computed from (labels, scores) with scikit-learn and is free of side effects; plotting and
-logging live in :mod:`qi.evaluation.report`.
+computed from (labels, scores) with scikit-learn and is free of side effects; running a
+network to get the scores is :mod:`qi.evaluation.scoring`, plotting and logging
+:mod:`qi.evaluation.report`.
 """
 
 from __future__ import annotations
@@ -24,27 +25,17 @@ from sklearn.metrics import (
     roc_auc_score,
 )
 
-from qi.data.datamodule import PreparedData
+from qi import choices
 from qi.evaluation.operating_point import (
-    choose_threshold,
     false_alarm_warning,
     rates,
     tradeoff,
     tradeoff_markdown,
 )
-from qi.inference import LABELS, decide, defect_probabilities
-from qi.models import InspectionNet
+from qi.inference import LABELS, decide
 
 # test metrics a new model version may be compared on (keys of binary_metrics)
-PROMOTION_METRICS = ("f1", "acc", "auroc", "average_precision", "defect_recall", "macro_f1")
-
-
-def score_split(
-    net: InspectionNet, data: PreparedData, split: str
-) -> tuple[np.ndarray, np.ndarray]:
-    """(labels, defect probabilities) of every image in ``split``."""
-    images, labels = data.split(split)
-    return labels, defect_probabilities(net, images)
+PROMOTION_METRICS = choices.PROMOTION_METRICS
 
 
 def binary_metrics(labels: np.ndarray, scores: np.ndarray, threshold: float = 0.5) -> dict:
@@ -129,23 +120,6 @@ class Evaluation:
                 flat[f"{prefix}/confusion_{true}_as_{pred}"] = float(matrix[i, j])
         flat["threshold"] = self.threshold
         return flat
-
-
-def evaluate(
-    net: InspectionNet, data: PreparedData, target_recall: float | None, split: str = "test"
-) -> Evaluation:
-    """Choose the threshold on validation, then measure ``split`` at it and at 0.5."""
-    val_labels, val_scores = score_split(net, data, "val")
-    threshold = choose_threshold(val_labels, val_scores, target_recall)
-    labels, scores = score_split(net, data, split)
-    return evaluation_from_scores(
-        labels,
-        scores,
-        data.split_frame(split),
-        threshold,
-        target_recall,
-        validation=(val_labels, val_scores),
-    )
 
 
 def evaluation_from_scores(

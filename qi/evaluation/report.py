@@ -288,7 +288,7 @@ def log_evaluation(
     log_metrics(evaluation.flat_metrics(), run_id)
     explainer = None
     if net is not None and preprocess is not None:
-        from qi.explain import Explainer
+        from qi.heatmaps import Explainer
 
         explainer = Explainer(net, preprocess)
     with tempfile.TemporaryDirectory(prefix="qi-eval-") as tmp:

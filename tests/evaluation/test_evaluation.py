@@ -135,7 +135,7 @@ def test_test_time_views_are_kept_only_when_they_lower_the_validation_log_loss()
     from sklearn.metrics import log_loss
 
     from qi.config import ModelConfig
-    from qi.evaluation.operating_point import views_on_validation
+    from qi.evaluation.scoring import views_on_validation
     from qi.inference import defect_probabilities
     from qi.models import build_model
 
