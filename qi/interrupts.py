@@ -6,7 +6,7 @@ collector: DataLoader iterators, temporary folders, database connections) the ex
 printed as "Exception ignored in ..." and dropped, and the command runs on as if nothing
 happened - a window in which Ctrl-C, or a scheduler's SIGTERM, is lost. Lightning opens
 another: it answers ``KeyboardInterrupt`` with ``sys.exit(1)`` and ignores SIGINT from then
-on (:func:`qi.fit.fit_interruptibly` undoes both).
+on (:func:`qi.fit.callbacks.fit_interruptibly` undoes both).
 
 So :func:`stop_on_signals` installs a handler that *records* the request before it raises,
 and every :func:`checkpoint` - each phase of a worker: data preparation, each training and
@@ -26,8 +26,6 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 log = logging.getLogger(__name__)
-
-PHASES = ("data", "fit", "validation", "between_trials", "evaluation", "registration")
 
 _requested: int | None = None
 _listeners: list[Callable[[str], None]] = []
@@ -64,10 +62,6 @@ def stop_on_signals() -> Iterator[None]:
     finally:
         for number, handler in previous.items():
             signal.signal(number, handler)
-
-
-def handler_installed() -> bool:
-    return signal.getsignal(signal.SIGINT) is _record_and_raise
 
 
 def checkpoint(phase: str) -> None:

@@ -17,7 +17,6 @@ from functools import wraps
 from pathlib import Path
 
 import click
-from mlflow.exceptions import MlflowException
 
 import qi
 from qi.cli.config_options import config_options
@@ -34,6 +33,15 @@ from qi.config import (
 )
 
 log = logging.getLogger("qi")
+
+
+def mlflow_error() -> type[Exception]:
+    """MLflow's exception class, imported only when an error is being handled (an except
+    clause's expression runs then): ``qi --help`` loads no MLflow."""
+    from mlflow.exceptions import MlflowException
+
+    return MlflowException
+
 
 progress_option = click.option("--progress/--no-progress", default=True, help="Progress bars.")
 
@@ -62,8 +70,9 @@ def user_errors(func):
         from qi.data.discovery import DataLayoutError
         from qi.data.preprocessing import ImageDecodeError
         from qi.interrupts import requested, stop_on_signals
-        from qi.models.backbones import WeightsNotFoundError
-        from qi.study.setup import StorageError
+        from qi.models.encoders import UnknownArchitectureError
+        from qi.models.weights import WeightsMismatchError, WeightsNotFoundError
+        from qi.storage import StorageError
         from qi.tracking import TrackingError
 
         try:
@@ -76,6 +85,8 @@ def user_errors(func):
             DataLayoutError,
             ImageDecodeError,
             WeightsNotFoundError,
+            WeightsMismatchError,
+            UnknownArchitectureError,
             TrackingError,
             StorageError,
         ) as exc:
@@ -156,7 +167,7 @@ def train(run: RunConfig, progress: bool) -> None:
 def tune(tune: TuneConfig, run: RunConfig, progress: bool) -> None:
     """Run an Optuna study; every trial is a nested MLflow run."""
     from qi.study import tune as run_tune
-    from qi.study.setup import resolve_study
+    from qi.study.space import resolve_study
 
     quiet_artifact_uploads(progress)
     try:
@@ -231,7 +242,7 @@ def evaluate(evaluate: EvaluateConfig, run: RunConfig, progress: bool) -> None:
         run_id, evaluation = evaluate_logged_model(
             evaluate.model_uri, run.data, run.tracking, progress
         )
-    except MlflowException as exc:
+    except mlflow_error() as exc:
         raise click.ClickException(
             f"cannot load {evaluate.model_uri}: {str(exc).splitlines()[0]}"
         ) from exc
@@ -263,7 +274,7 @@ def promote(promote: PromoteConfig, run: RunConfig) -> None:
             metric=run.evaluation.promotion_metric,
             force=run.evaluation.force_promote,
         )
-    except (ValueError, MlflowException) as exc:
+    except (ValueError, mlflow_error()) as exc:
         raise click.ClickException(str(exc).splitlines()[0]) from exc
     click.echo(
         f"{promote.model_name} version {decision.version} is {decision.alias}: {decision.reason}"
@@ -294,7 +305,7 @@ def predict(inputs: tuple[Path, ...], predict: PredictConfig, run: RunConfig, pr
         scored = predict_files(
             predict.model_uri, files, batch_size=predict.batch_size, progress=progress
         )
-    except MlflowException as exc:
+    except mlflow_error() as exc:
         raise click.ClickException(
             f"cannot load {predict.model_uri}: {str(exc).splitlines()[0]}"
         ) from exc
@@ -357,7 +368,7 @@ def explain(inputs: tuple[Path, ...], explain: ExplainConfig, run: RunConfig) ->
         raise click.BadParameter(str(exc), param_hint="INPUTS") from exc
     try:
         explained = explain_files(explain.model_uri, files, explain.output)
-    except MlflowException as exc:
+    except mlflow_error() as exc:
         raise click.ClickException(
             f"cannot load {explain.model_uri}: {str(exc).splitlines()[0]}"
         ) from exc
@@ -386,7 +397,7 @@ def export(export: ExportConfig, run: RunConfig) -> None:
         )
     except ParityError as exc:
         raise click.ClickException(str(exc)) from exc
-    except (MlflowException, ValueError) as exc:
+    except (mlflow_error(), ValueError) as exc:
         raise click.ClickException(
             f"cannot export {export.model_uri}: {str(exc).splitlines()[0]}"
         ) from exc
