@@ -168,7 +168,13 @@ def build_model(config: ModelConfig, channels: int, image_size: int | None = Non
     """
     architecture = architecture_of(config.name)
     size = image_size or architecture.image_size or 128
-    encoder = architecture.encoder(config, channels, size)
+    if architecture.pretrained:
+        # a backbone's head starts from the seed alone, not from how many random numbers the
+        # library's constructor drew before its weights were replaced by the file's
+        with torch.random.fork_rng(devices=[]):
+            encoder = architecture.encoder(config, channels, size)
+    else:
+        encoder = architecture.encoder(config, channels, size)
     head = build_head(encoder.feature_dim, config.dropout, config.head_hidden)
     mean, std = architecture.mean, architecture.std
     if channels == 1:  # a gray image is the sum-of-filters stem's average channel

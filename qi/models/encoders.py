@@ -44,6 +44,9 @@ IMAGENET_MEAN = (0.485 * 255, 0.456 * 255, 0.406 * 255)
 IMAGENET_STD = (0.229 * 255, 0.224 * 255, 0.225 * 255)
 TF_MEAN, TF_STD = (127.0, 127.0, 127.0), (128.0, 128.0, 128.0)  # EfficientNet-Lite's
 STAGE_CONTAINERS = ("blocks", "stages")  # timm's names for the sequence of stages
+# fine-tuned EfficientNets skip residual blocks at random, 0 at the first to this rate at the
+# last: what efficientnet-lite-pytorch and torchvision did (timm's default is 0)
+STOCHASTIC_DEPTH = 0.2
 
 
 @dataclass(frozen=True)
@@ -200,6 +203,7 @@ def _lite(variant: int, image_size: int) -> Backbone:
         unit="block",
         # the head's batch norm before its activation: the map that is pooled
         cam_module="bn2.drop",
+        timm_kwargs=(("drop_path_rate", STOCHASTIC_DEPTH),),
     )
 
 
@@ -235,7 +239,12 @@ BACKBONES: dict[str, Backbone] = {
     "efficientnet_lite2": _lite(2, 260),
     "resnet18": _torchvision("resnet18", "resnet18", cam_module="layer4"),
     "resnet34": _torchvision("resnet34", "resnet34", cam_module="layer4"),
-    "efficientnet_b0": _torchvision("efficientnet_b0", "efficientnet_b0", cam_module="bn2"),
+    "efficientnet_b0": _torchvision(
+        "efficientnet_b0",
+        "efficientnet_b0",
+        cam_module="bn2",
+        timm_kwargs=(("drop_path_rate", STOCHASTIC_DEPTH),),
+    ),
     **{
         f"mobilenet_v3_{size}": _torchvision(
             f"mobilenet_v3_{size}",

@@ -56,9 +56,7 @@ def load_state_file(path: Path) -> dict[str, torch.Tensor]:
             state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # each reader raises several kinds for a file it cannot read
         reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise WeightsMismatchError(
-            f"{path} is not a weights file qi can read: {reason}"
-        ) from None
+        raise WeightsMismatchError(f"{path} is not a weights file qi can read: {reason}") from None
     for key in ("state_dict", "model"):
         if isinstance(state, dict) and isinstance(state.get(key), dict):
             state = state[key]

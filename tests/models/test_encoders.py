@@ -237,3 +237,25 @@ def test_stages_are_what_feature_info_says(name):
     with torch.no_grad():
         second, last = net.stage_features(images, [1, -1])
     assert second.shape[1] == info[1].channels and last.shape[1] == info[-1].channels
+
+
+@pytest.mark.parametrize("name", ["efficientnet_lite0", "efficientnet_b0"])
+def test_fine_tuned_efficientnets_drop_blocks_as_before(name):
+    """Stochastic depth while fine-tuning: the former networks' schedule, 0 to 0.2 by block."""
+    from torchvision.models import efficientnet_b0
+
+    net = build_model(ModelConfig(name=name, pretrained="none"), 3, 64)
+    ours = [getattr(b.drop_path, "drop_prob", 0.0) for s in net.encoder.model.blocks for b in s]
+    former = [b.stochastic_depth.p for s in efficientnet_b0().features[1:8] for b in s]
+    assert ours == pytest.approx(former)
+
+
+def test_a_backbone_head_starts_from_the_seed_not_from_the_librarys_draws():
+    """The head's initial weights do not depend on how many random numbers the backbone
+    library drew while building a network whose weights the file then replaced."""
+    heads = []
+    for name in ("efficientnet_lite0", "efficientnet_b0"):  # both 1280 features wide
+        torch.manual_seed(7)
+        net = build_model(ModelConfig(name=name, pretrained="none", pooling="avg"), 1, 64)
+        heads.append(net.head[-1].weight.detach())
+    assert torch.equal(*heads)
