@@ -235,7 +235,11 @@ def from_text(text: Any, kind: FieldType, declaration: Option) -> Any:
     if kind.base is Path:
         return Path(stripped).expanduser()
     if kind.base is tuple:
-        return comma_list(stripped)
+        items = comma_list(stripped)
+        if kind.item in (int, float):  # "8,16" -> (8, 16)
+            plain = dataclasses.replace(declaration, parse=None)
+            return tuple(from_text(i, FieldType(kind.item, False), plain) for i in items)
+        return items
     return stripped
 
 

@@ -50,8 +50,8 @@ def _render_default(option: ExposedOption) -> tuple[str, str]:
         return "float", f"{default:g}" if isinstance(default, float) else str(default)
     if default is None or default == ():
         return "string", '""'
-    if isinstance(default, tuple):
-        return "string", ",".join(str(v) for v in default)
+    if isinstance(default, tuple):  # quoted: YAML reads 8,16 as the number 816
+        return "string", '"' + ",".join(str(v) for v in default) + '"'
     return "string", str(default)
 
 

@@ -46,6 +46,7 @@ def _other_value(option: ExposedOption, tmp_path: Path) -> tuple[str, object]:
         float: ["0.3", "0.7", "3.5"],
         str: ["something-else"],
         Path: [str(tmp_path / "out.csv")],
+        tuple: ["4,8", "16"],  # tuples of numbers (the detector's stage strides)
     }[kind.base]
     for text in candidates:
         value = from_text(text, kind, declaration)
