@@ -83,7 +83,9 @@ def write_onnx(net: InspectionNet, spec, path: Path, model_uri: str) -> int:
     import onnx
 
     preprocess = spec.preprocess
-    scorer = _PixelsToProbability(net.float().eval()).eval()
+    # a detector's fp16 memory bank stays fp16 in the graph (cast per chunk, as in torch)
+    detector = getattr(net, "method", "") == "anomaly"
+    scorer = _PixelsToProbability(net.eval() if detector else net.float().eval())
     shape = (2, preprocess.image_size, preprocess.image_size, preprocess.channels)
     example = torch.zeros(shape, dtype=torch.uint8)
     batch = torch.export.Dim("batch", min=1, max=65536)
@@ -178,7 +180,8 @@ def export_model(
     folder.mkdir(parents=True, exist_ok=True)
     opset = write_onnx(model.net, model.spec, folder / MODEL_FILE, model_uri)
     shutil.copyfile(Path(__file__).with_name("onnx_reference.py"), folder / SCRIPT_FILE)
-    data = prepare_data(data_config_of_run(run_id, data_dir), progress=False)
+    good_only = model.spec.method == "anomaly"
+    data = prepare_data(data_config_of_run(run_id, data_dir), progress=False, good_only=good_only)
     paths = data.split_frame("test")["image_path"].tolist()
     parity = check_parity(folder, pyfunc, paths, tolerance)
     (folder / PARITY_FILE).write_text(json.dumps({**asdict(parity), "opset": opset}, indent=2))

@@ -30,7 +30,20 @@ def cam_layer(net: InspectionNet) -> torch.nn.Module:
 
 def heatmaps(net: InspectionNet, batch: np.ndarray, batch_size: int = 16) -> np.ndarray:
     """Grad-CAM of the defect logit for a preprocessed uint8 ``(N, H, W, C)`` batch:
-    ``(N, H, W)`` floats in 0..1 (each map scaled to its own maximum)."""
+    ``(N, H, W)`` floats in 0..1 (each map scaled to its own maximum).
+
+    A good-only detector shows its anomaly map instead, on its probability scale (0.5 is the
+    decision threshold, so a good part stays cold)."""
+    if getattr(net, "method", "classifier") == "anomaly" and len(batch):
+        with torch.inference_mode():
+            return np.concatenate(
+                [
+                    net.anomaly_maps(
+                        torch.from_numpy(batch[i : i + batch_size]).permute(0, 3, 1, 2)
+                    ).numpy()
+                    for i in range(0, len(batch), batch_size)
+                ]
+            )
     was_training = net.training
     net.eval()
     maps = []

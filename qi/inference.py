@@ -20,9 +20,10 @@ import numpy as np
 import torch
 
 import qi
-from qi.config import ModelConfig, from_dict
+from qi.config import DetectorConfig, ModelConfig, from_dict
 from qi.data.preprocessing import ImageDecodeError, PreprocessConfig, decode_image, preprocess
 from qi.models import InspectionNet, build_model
+from qi.models.patchcore import PatchCoreNet, build_detector
 from qi.models.weights import fit_state_dict
 
 LABELS = ("ok", "defective")  # index = decision (0 ok, 1 defective)
@@ -45,6 +46,8 @@ class ModelSpec:
     preprocess: PreprocessConfig
     threshold: float = 0.5
     qi_version: str = qi.__version__
+    method: str = "classifier"  # "anomaly": a good-only detector (qi.models.patchcore)
+    detector: DetectorConfig | None = None
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2)
@@ -57,6 +60,8 @@ class ModelSpec:
             preprocess=from_dict(PreprocessConfig, raw["preprocess"]),
             threshold=float(raw["threshold"]),
             qi_version=raw.get("qi_version", "?"),
+            method=raw.get("method", "classifier"),  # models before detectors: classifiers
+            detector=from_dict(DetectorConfig, raw["detector"]) if raw.get("detector") else None,
         )
 
 
@@ -68,6 +73,8 @@ def load_network(spec: ModelSpec, weights_file: Path) -> InspectionNet:
     names, exactly as it was when the head was fitted.
     """
     state = torch.load(weights_file, map_location="cpu", weights_only=True)
+    if spec.method == "anomaly":
+        return load_detector(spec, state, weights_file)
     head_only = not any(key.startswith("encoder.") for key in state)
     model = spec.model if head_only else replace(spec.model, pretrained=None)
     net = build_model(model, spec.preprocess.channels, spec.preprocess.image_size)
@@ -81,6 +88,20 @@ def load_network(spec: ModelSpec, weights_file: Path) -> InspectionNet:
     if missing and not head_only:
         raise ValueError(f"{weights_file} lacks encoder weights {missing[:3]}")
     return net.eval().to(memory_format=torch.channels_last)
+
+
+def load_detector(spec: ModelSpec, state: dict, weights_file: Path) -> PatchCoreNet:
+    """A good-only detector: its pruned encoder, memory bank and calibration, all in the file."""
+    model = replace(spec.model, pretrained=None)
+    bank = torch.zeros_like(state["memory_bank"])
+    net = build_detector(model, spec.detector or DetectorConfig(), spec.preprocess.channels, bank)
+    missing, unexpected = net.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise ValueError(
+            f"{weights_file} does not fit a {spec.model.name} detector: missing "
+            f"{missing[:3]}, unexpected {unexpected[:3]}"
+        )
+    return net.eval()
 
 
 def encoder_in_current_layout(

@@ -29,6 +29,8 @@ from qi.views import dihedral_view
 class InspectionNet(nn.Module):
     """Normalise uint8 images, encode them to a feature vector, return ``(N,)`` logits."""
 
+    method = "classifier"  # a good-only detector says "anomaly" (qi.models.patchcore)
+
     def __init__(
         self,
         encoder: nn.Module,

@@ -1,0 +1,162 @@
+"""Fitting the good-only detector: splits where defects only judge, the memory bank, the
+operating point.
+
+- **Defects judge, never train.** :func:`detector_data` keeps the classifier's test split (so
+  the two methods are compared on the same images) and moves every defective image the split
+  put in train to validation; an MVTec AD category keeps its ``train/good`` for the bank and
+  its test folder is split in halves into validation and test.
+- **The bank** holds patches of good training images only (:mod:`qi.models.memory_bank`).
+- **The threshold.** With at least :data:`MIN_VALIDATION_DEFECTS` defects in validation it is
+  chosen there as for classifiers (fewest balanced errors, or ``--target-recall``). With fewer
+  it is the ``1 - max_false_alarm_rate`` quantile of the held-out good images' scores, and
+  the run says that no defect recall was measured. Either way the raw score at the threshold
+  becomes the detector's ``centre``, so its defect probability is 0.5 there.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import torch
+from sklearn.model_selection import train_test_split
+
+from qi.config import RunConfig
+from qi.data.datamodule import PreparedData
+from qi.evaluation.metrics import binary_metrics
+from qi.evaluation.operating_point import choose_threshold
+from qi.fit import FitResult
+from qi.models.memory_bank import MAX_CANDIDATES, bank_size, greedy_coreset, sample_patches
+from qi.models.patchcore import PatchCoreNet, build_detector
+
+log = logging.getLogger(__name__)
+
+MIN_VALIDATION_DEFECTS = 5
+BATCH = 16
+
+
+class NoDefectsToJudge(ValueError):
+    """A setting that needs defects in validation, asked of data without them."""
+
+
+def detector_data(data: PreparedData, seed: int) -> PreparedData:
+    """``data`` with the detector's splits (see the module docstring)."""
+    frame = data.frame.copy()
+    if data.layout == "mvtec":
+        train_root = Path(data.root) / "train"
+        in_train = frame["image_path"].map(lambda p: Path(p).is_relative_to(train_root))
+        frame.loc[in_train, "split"] = "train"
+        held = frame.index[~in_train]
+        strata = frame.loc[held, "defect_type"]
+        stratify = strata if strata.value_counts().min() >= 2 else None
+        val, test = train_test_split(held, test_size=0.5, random_state=seed, stratify=stratify)
+        frame.loc[val, "split"] = "val"
+        frame.loc[test, "split"] = "test"
+    else:
+        frame.loc[(frame["split"] == "train") & (frame["label"] == 1), "split"] = "val"
+    return replace(data, frame=frame)
+
+
+def validation_defects(data: PreparedData) -> int:
+    _, labels = data.split("val")
+    return int(labels.sum())
+
+
+@torch.inference_mode()
+def raw_scores(net: PatchCoreNet, images: np.ndarray) -> np.ndarray:
+    scores = [
+        net.raw_scores(torch.from_numpy(images[i : i + BATCH]).permute(0, 3, 1, 2)).numpy()
+        for i in range(0, len(images), BATCH)
+    ]
+    return np.concatenate(scores) if scores else np.zeros(0, np.float32)
+
+
+@torch.inference_mode()
+def memory_bank(
+    net: PatchCoreNet, images: np.ndarray, config: RunConfig
+) -> tuple[torch.Tensor, int]:
+    """The coreset of the good images' patches, and how many patches there were."""
+    generator = torch.Generator().manual_seed(config.train.seed)
+    quota, total, chunks = None, 0, []
+    for start in range(0, len(images), BATCH):
+        batch = torch.from_numpy(images[start : start + BATCH]).permute(0, 3, 1, 2)
+        features = net.patch_features(batch).float()
+        if quota is None:
+            per_image = features.shape[2] * features.shape[3]
+            quota = max(1, min(per_image, MAX_CANDIDATES // max(len(images), 1)))
+        total += features.shape[0] * features.shape[2] * features.shape[3]
+        chunks.append(sample_patches(features, quota, generator).half())
+    candidates = torch.cat(chunks)
+    detector = config.detector
+    size = bank_size(total, detector.coreset_ratio, detector.max_bank_patches, len(candidates))
+    chosen = greedy_coreset(candidates, size, config.train.seed)
+    return candidates[chosen].clone(), total
+
+
+def fit_detector(config: RunConfig, data: PreparedData) -> FitResult:
+    """Build the bank from the good training images, set the operating point on validation.
+
+    ``data`` must already hold the detector's splits (:func:`detector_data`).
+    """
+    started = time.perf_counter()
+    defects = validation_defects(data)
+    target = config.evaluation.target_recall
+    if target is not None and defects < MIN_VALIDATION_DEFECTS:
+        raise NoDefectsToJudge(
+            f"--target-recall {target} needs defective images in validation; it has {defects}: "
+            "add labelled defects or leave --target-recall out"
+        )
+    torch.manual_seed(config.train.seed)
+    net = build_detector(config.model, config.detector, data.preprocess.channels)
+    images, labels = data.split("train")
+    good = images[labels == 0]
+    bank, patches = memory_bank(net, good, config)
+    net.memory_bank = bank
+    val_images, val_labels = data.split("val")
+    val_raw = raw_scores(net, val_images)
+    good_scores = val_raw[val_labels == 0]
+    if good_scores.size == 0:
+        good_scores = raw_scores(net, good[: min(len(good), 64)])  # seen, so optimistic
+    quantile = float(np.quantile(good_scores, 1 - config.detector.max_false_alarm_rate))
+    spread = float(np.std(good_scores)) if good_scores.size > 1 else 0.0
+    scale = spread if spread > 1e-6 else max(abs(quantile) * 0.05, 1e-3)
+    net.centre.fill_(quantile)
+    net.scale.fill_(scale)
+    measured = defects >= MIN_VALIDATION_DEFECTS
+    if measured:
+        probabilities = net.calibrated(torch.from_numpy(val_raw)).numpy()
+        threshold = choose_threshold(val_labels, probabilities, target)
+        logit = math.log(max(threshold, 1e-7) / max(1 - threshold, 1e-7))
+        net.centre.fill_(quantile + scale * logit)
+    probabilities = net.calibrated(torch.from_numpy(val_raw)).numpy()
+    metrics = binary_metrics(val_labels, probabilities, 0.5) if measured else {}
+    val_metrics = {f"val/{k}": float(v) for k, v in metrics.items()}
+    val_metrics["val/false_alarm_rate"] = float(np.mean(probabilities[val_labels == 0] >= 0.5))
+    seconds = time.perf_counter() - started
+    log.info(
+        "memory bank: %d of %d good patches (%.1f MB fp16), %d validation defects%s",
+        len(bank),
+        patches,
+        net.bank_megabytes,
+        defects,
+        "" if measured else ": threshold from good images only, no defect recall measured",
+    )
+    net.fit_summary = {
+        "bank_patches": len(bank),
+        "candidate_patches": patches,
+        "bank_mb": net.bank_megabytes,
+        "validation_defects": defects,
+        "recall_measured": measured,
+    }
+    return FitResult(
+        net=net,
+        best_epoch=0,
+        epochs_run=1,
+        val_metrics=val_metrics,
+        seconds=seconds,
+        images_per_second=len(good) / max(seconds, 1e-9),
+    )
