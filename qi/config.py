@@ -59,6 +59,7 @@ _promotion_metrics = choices.PROMOTION_METRICS
 _poolings = choices.POOLINGS
 _augmentations = choices.AUGMENTATIONS
 _finetune_modes = choices.FINETUNE_MODES
+_methods = choices.METHODS
 
 
 def _views(value: int) -> str | None:
@@ -275,6 +276,60 @@ class TrackingConfig(Checked):
     log_model: bool = True
 
 
+def _strides(value: tuple) -> str | None:
+    if len(value) < 1 or any(s <= 0 for s in value):
+        return f"needs one or more positive strides, got {list(value)}"
+    return None
+
+
+def _odd(value: int) -> str | None:
+    return None if value >= 1 and value % 2 == 1 else f"must be an odd size >= 1, got {value}"
+
+
+@dataclass(frozen=True)
+class DetectorConfig(Checked):
+    """Which method learns, and the good-only detector's settings (:mod:`qi.anomaly`)."""
+
+    method: str = option(
+        "auto",
+        "classifier: learns good and defective images; anomaly: learns good images only "
+        "(defects only judge); auto: anomaly when the training data has fewer than 20 "
+        "defective images or the layout's training folder is good-only, else classifier.",
+        choices=_methods,
+    )
+    stage_strides: tuple[int, ...] = option(
+        (8, 16),
+        "Anomaly: the encoder stages whose patch features are compared, by stride (input "
+        "pixels per feature cell): fine stages see small defects, deeper ones context.",
+        check=_strides,
+    )
+    neighbourhood: int = option(
+        3, "Anomaly: each patch feature is averaged over this square of its neighbours.", check=_odd
+    )
+    coreset_ratio: float = option(
+        0.01,
+        "Anomaly: share of the good training patches the memory bank keeps (greedy coreset).",
+        check=fraction,
+    )
+    max_bank_patches: int = option(
+        16384,
+        "Anomaly: the memory bank's size limit, whatever the number of images (fp16: "
+        "channels x 2 bytes each).",
+        check=positive,
+    )
+    neighbours: int = option(
+        1,
+        "Anomaly: a patch's score is its mean distance to this many nearest bank patches.",
+        check=positive,
+    )
+    max_false_alarm_rate: float = option(
+        0.01,
+        "Anomaly without defects in validation: the threshold flags this share of the held-out "
+        "good images.",
+        check=fraction,
+    )
+
+
 @dataclass(frozen=True)
 class RunConfig:
     """Everything a training run needs, grouped as the stages see it."""
@@ -285,6 +340,7 @@ class RunConfig:
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
     synth: SynthConfig = field(default_factory=SynthConfig)
+    detector: DetectorConfig = field(default_factory=DetectorConfig)
 
 
 def _ordered_range(value: tuple) -> str | None:
@@ -565,6 +621,7 @@ __all__ = [
     "BadImagePolicy",
     "ColorMode",
     "DataConfig",
+    "DetectorConfig",
     "EvaluateConfig",
     "EvaluationConfig",
     "ModelConfig",

@@ -19,6 +19,8 @@ class Tag:
     DATA_LAYOUT = "qi.data_layout"
     DATA_ROOT = "qi.data_root"
     OK_CLASS = "qi.ok_class"
+    METHOD = "qi.method"  # classifier or anomaly (a good-only detector)
+    METHOD_REASON = "qi.method_reason"  # why --method chose it
     MODEL_URI = "qi.model_uri"
     # studies and trials
     STUDY_NAME = "qi.study_name"

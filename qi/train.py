@@ -7,10 +7,12 @@ data it saw, the test evaluation and the logged model.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import mlflow
 
+from qi.anomaly.fitting import detector_data, fit_detector
+from qi.anomaly.method import choose_method
 from qi.config import RunConfig
 from qi.data.datamodule import PreparedData, check_data_dir, prepare_data
 from qi.evaluation.metrics import Evaluation
@@ -19,6 +21,7 @@ from qi.evaluation.scoring import evaluate
 from qi.fit import FitResult, fit
 from qi.inference import ModelSpec
 from qi.interrupts import checkpoint
+from qi.models.patchcore import detector_backbone
 from qi.serving import log_inspection_model
 from qi.tags import Kind, Tag
 from qi.tracking import (
@@ -41,13 +44,22 @@ class TrainOutcome:
     data: PreparedData
     model_uri: str | None
     evaluation: Evaluation | None = None
+    method: str = "classifier"
+    method_reason: str = ""
 
 
 def train(config: RunConfig, progress: bool = True) -> TrainOutcome:
     """Prepare the data, fit, evaluate on the test split and log everything to one run."""
     check_data_dir(config.data)  # a typo in the path should not wait for the tracking store
     configure_tracking(config.tracking)
-    data = prepare_data(config.data, config.synth, progress=progress)
+    requested = config.detector.method
+    data = prepare_data(
+        config.data, config.synth, progress=progress, good_only=requested != "classifier"
+    )
+    method, why = choose_method(requested, data.frame, data.layout)
+    log.info("method: %s (%s)", method, why)
+    if method == "anomaly":
+        data = detector_data(data, config.data.seed)
     log.info(
         "data: %s layout at %s, %d images\n%s",
         data.layout,
@@ -62,6 +74,8 @@ def train(config: RunConfig, progress: bool = True) -> TrainOutcome:
             Tag.DATA_LAYOUT: data.layout,
             Tag.OK_CLASS: data.ok_class,
             Tag.DATA_ROOT: str(data.root),
+            Tag.METHOD: method,
+            Tag.METHOD_REASON: why,
         },
     )
     with training_run(config.tracking, tags=tags) as run_id:
@@ -69,7 +83,11 @@ def train(config: RunConfig, progress: bool = True) -> TrainOutcome:
         log_run_config(config, run_id)
         log_config(config, run_id)
         log_prepared_data(data, run_id)
-        result = fit(config, data, run_id=run_id, progress=progress)
+        if method == "anomaly":
+            result = fit_detector(config, data)
+            log_metrics(result.net.fit_summary, run_id)
+        else:
+            result = fit(config, data, run_id=run_id, progress=progress)
         log_metrics(
             {f"best_{k.replace('/', '_')}": v for k, v in result.val_metrics.items()}, run_id
         )
@@ -85,7 +103,12 @@ def train(config: RunConfig, progress: bool = True) -> TrainOutcome:
         evaluation = None
         checkpoint("evaluation")
         if (data.frame["split"] == "test").any():
-            evaluation = evaluate(result.net, data, config.evaluation.target_recall)
+            evaluation = evaluate(
+                result.net,
+                data,
+                config.evaluation.target_recall,
+                threshold=0.5 if method == "anomaly" else None,
+            )
             log_evaluation(
                 evaluation,
                 run_id,
@@ -96,9 +119,23 @@ def train(config: RunConfig, progress: bool = True) -> TrainOutcome:
         model_uri = None
         if config.tracking.log_model:
             threshold = evaluation.threshold if evaluation else 0.5
-            spec = ModelSpec(model=config.model, preprocess=data.preprocess, threshold=threshold)
+            spec = ModelSpec(
+                model=replace(config.model, name=detector_backbone(config.model))
+                if method == "anomaly"
+                else config.model,
+                preprocess=data.preprocess,
+                threshold=threshold,
+                method=method,
+                detector=config.detector if method == "anomaly" else None,
+            )
             info = log_inspection_model(result.net, spec, example_image=data.images[0])
             model_uri = info.model_uri
     return TrainOutcome(
-        run_id=run_id, result=result, data=data, model_uri=model_uri, evaluation=evaluation
+        run_id=run_id,
+        result=result,
+        data=data,
+        model_uri=model_uri,
+        evaluation=evaluation,
+        method=method,
+        method_reason=why,
     )

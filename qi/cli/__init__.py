@@ -150,11 +150,15 @@ def train(run: RunConfig, progress: bool) -> None:
 
     quiet_artifact_uploads(progress)
     outcome = run_train(run, progress=progress)
+    click.echo(f"method: {outcome.method} ({outcome.method_reason})")
     click.echo(
         f"run {outcome.run_id}: {outcome.result.epochs_run} epochs, {outcome.result.seconds:.0f} s"
     )
     if outcome.evaluation is not None:
         click.echo(describe_evaluation(outcome.evaluation))
+    summary = getattr(outcome.result.net, "fit_summary", None)
+    if summary is not None:
+        click.echo(describe_detector(summary, run.detector.max_false_alarm_rate))
     if outcome.model_uri:
         click.echo(f"model: {outcome.model_uri}")
     click.echo(f"MLflow UI: {ui_link(outcome.run_id)}")
@@ -189,6 +193,21 @@ def tune(tune: TuneConfig, run: RunConfig, progress: bool) -> None:
         d = outcome.decision
         click.echo(f"registered {tune.model_name} version {d.version} as {d.alias}: {d.reason}")
     click.echo(f"MLflow UI: {ui_link(outcome.parent_run_id)}")
+
+
+def describe_detector(summary: dict, false_alarm_rate: float) -> str:
+    """What a good-only detector kept, and what its threshold rests on."""
+    text = (
+        f"memory bank: {summary['bank_patches']} of {summary['candidate_patches']} good patches "
+        f"({summary['bank_mb']:.1f} MB)"
+    )
+    if not summary["recall_measured"]:
+        text += (
+            f"\nno defect recall was measured: validation held "
+            f"{summary['validation_defects']} defective image(s); the threshold flags "
+            f"{false_alarm_rate:.0%} of held-out good images"
+        )
+    return text
 
 
 def ui_link(run_id: str) -> str:

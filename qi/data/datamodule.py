@@ -85,14 +85,20 @@ def check_data_dir(config: DataConfig) -> None:
 
 
 def prepare_data(
-    config: DataConfig, synth_config: SynthConfig = SynthConfig(), progress: bool = True
+    config: DataConfig,
+    synth_config: SynthConfig = SynthConfig(),
+    progress: bool = True,
+    good_only: bool = False,
 ) -> PreparedData:
-    """Discover, split and decode; fails fast with a clear message on unusable data."""
+    """Discover, split and decode; fails fast with a clear message on unusable data.
+
+    ``good_only``: the method may learn from good images alone, so data without defects is
+    accepted (:func:`qi.data.splits.check_classes`)."""
     checkpoint("data")
     data_dir = resolve_data_dir(config, synth_config, progress)
     found = discover(data_dir, config.ok_class)
     frame = subsample(found.frame, config.max_images, config.seed)
-    check_classes(frame, str(found.root))
+    check_classes(frame, str(found.root), good_only)
     preprocess = PreprocessConfig.from_data_config(config)
     paths = frame["image_path"].tolist()
     decoded = decode_images(paths, preprocess, policy=config.bad_images, progress=progress)
@@ -104,7 +110,7 @@ def prepare_data(
             next(iter(decoded.skipped.values())),
         )
         frame = frame[~frame["image_path"].isin(decoded.skipped)]
-        check_classes(frame, str(found.root))
+        check_classes(frame, str(found.root), good_only)
     frame = assign_splits(frame, config.val_fraction, config.test_fraction, config.seed)
     position = {p: i for i, p in enumerate(decoded.paths)}
     images = decoded.images[[position[p] for p in frame["image_path"]]]

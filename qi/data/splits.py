@@ -13,6 +13,7 @@ from sklearn.model_selection import train_test_split
 from qi.data.discovery import DataLayoutError
 
 MIN_IMAGES_PER_CLASS = 4
+MIN_GOOD_IMAGES = 10  # a detector learns good images: fewer describe no line
 
 
 def _strata(frame: pd.DataFrame, pieces: int) -> pd.Series:
@@ -36,16 +37,26 @@ def _split_off(
     return keep, taken
 
 
-def check_classes(frame: pd.DataFrame, where: str) -> None:
-    """Fail before any training when a class is missing or too small to split."""
+def check_classes(frame: pd.DataFrame, where: str, good_only: bool = False) -> None:
+    """Fail before any training when a class is missing or too small to split; with
+    ``good_only`` (a method that learns from good images) defects may be absent."""
     counts = frame["label"].value_counts()
-    for label, name in ((0, "good"), (1, "defective")):
-        n = int(counts.get(label, 0))
-        if n < MIN_IMAGES_PER_CLASS:
+    good, defective = int(counts.get(0, 0)), int(counts.get(1, 0))
+    if good_only:
+        if good < MIN_GOOD_IMAGES:
             raise DataLayoutError(
-                f"{where} has {n} {name} image(s); qi needs at least "
-                f"{MIN_IMAGES_PER_CLASS} of each "
-                "class to train and validate: add images or check --ok-class"
+                f"{where} has {good} good image(s); a detector of good images needs at least "
+                f"{MIN_GOOD_IMAGES}: add good images or check --ok-class"
+            )
+        return
+    for n, name in ((good, "good"), (defective, "defective")):
+        if n < MIN_IMAGES_PER_CLASS:
+            hint = " or learn from good images only with --method anomaly"
+            hint = hint if name == "defective" else ""
+            raise DataLayoutError(
+                f"{where} has {n} {name} image(s); a classifier needs at least "
+                f"{MIN_IMAGES_PER_CLASS} of each class to train and validate: add images, "
+                f"check --ok-class{hint}"
             )
 
 

@@ -32,7 +32,7 @@ def evaluate_logged_model(
         color_mode=preprocess.color_mode,
         clahe=preprocess.clahe,
     )
-    data = prepare_data(data_config, progress=progress)
+    data = prepare_data(data_config, progress=progress, good_only=model.spec.method == "anomaly")
     images, labels = data.split("test")
     scores = defect_probabilities(model.net, images)
     val_images, val_labels = data.split("val")

@@ -22,11 +22,17 @@ def score_split(
 
 
 def evaluate(
-    net: InspectionNet, data: PreparedData, target_recall: float | None, split: str = "test"
+    net: InspectionNet,
+    data: PreparedData,
+    target_recall: float | None,
+    split: str = "test",
+    threshold: float | None = None,
 ) -> Evaluation:
-    """Choose the threshold on validation, then measure ``split`` at it and at 0.5."""
+    """Choose the threshold on validation (unless the model comes with its own: a detector's
+    is 0.5 by construction), then measure ``split`` at it and at 0.5."""
     val_labels, val_scores = score_split(net, data, "val")
-    threshold = choose_threshold(val_labels, val_scores, target_recall)
+    if threshold is None:
+        threshold = choose_threshold(val_labels, val_scores, target_recall)
     labels, scores = score_split(net, data, split)
     return evaluation_from_scores(
         labels,

@@ -1,0 +1,228 @@
+"""Good-only detection: defects judge and never train, one model surface for both methods."""
+
+from __future__ import annotations
+
+import csv
+import shutil
+from dataclasses import replace
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from click.testing import CliRunner
+from sklearn.metrics import roc_auc_score
+
+from qi.anomaly.fitting import detector_data
+from qi.anomaly.method import MIN_CLASSIFIER_DEFECTS, choose_method
+from qi.cli import cli
+from qi.config import (
+    DataConfig,
+    DetectorConfig,
+    EvaluationConfig,
+    RunConfig,
+    SynthConfig,
+    TrackingConfig,
+)
+from qi.data import synth
+from qi.data.datamodule import prepare_data
+from qi.heatmaps import heatmaps, peak
+from qi.inference import defect_probabilities
+from qi.models.memory_bank import bank_size, greedy_coreset
+from qi.tags import Tag
+
+SIZE = 96
+
+
+@pytest.fixture(scope="module")
+def castings(tmp_path_factory) -> Path:
+    return synth.generate(
+        tmp_path_factory.mktemp("castings"),
+        SynthConfig(n_train=300, n_test=60, image_size=SIZE, seed=5),
+        progress=False,
+    )
+
+
+def _config(root: Path, **detector) -> RunConfig:
+    return RunConfig(
+        data=DataConfig(data_dir=root, image_size=SIZE),
+        tracking=TrackingConfig(experiment="qi-test"),
+        detector=DetectorConfig(method="anomaly", **detector),
+    )
+
+
+@pytest.fixture(scope="module")
+def detector(castings, tmp_path_factory):
+    """One detector of the castings, trained once for the module, in its own store."""
+    from qi.train import train
+
+    store = tmp_path_factory.mktemp("store")
+    mlflow.set_tracking_uri(f"sqlite:///{store / 'mlflow.db'}")
+    config = _config(castings, neighbourhood=1)  # 96 px: a 3-cell average blurs pin holes
+    config = replace(
+        config, tracking=replace(config.tracking, tracking_uri=f"sqlite:///{store / 'mlflow.db'}")
+    )
+    outcome = train(config, progress=False)
+    outcome.tracking_uri = config.tracking.tracking_uri
+    return outcome
+
+
+def test_defects_judge_and_never_train(castings, detector):
+    """The bank's images are good ones; the test split is the classifier's own."""
+    classifier_split = prepare_data(DataConfig(data_dir=castings, image_size=SIZE), progress=False)
+    frame = detector.data.frame
+    assert (frame.loc[frame["split"] == "train", "label"] == 0).all()
+    assert (frame.loc[frame["split"] == "val", "label"] == 1).any()
+    test = lambda f: sorted(f.loc[f["split"] == "test", "image_path"])  # noqa: E731
+    assert test(frame) == test(classifier_split.frame)
+    moved = classifier_split.frame[
+        (classifier_split.frame["split"] == "train") & (classifier_split.frame["label"] == 1)
+    ]["image_path"]
+    assert set(moved) <= set(frame.loc[frame["split"] == "val", "image_path"])
+    mlflow.set_tracking_uri(detector.tracking_uri)
+    run = mlflow.get_run(detector.run_id)
+    assert run.data.tags[Tag.METHOD] == "anomaly"
+    assert run.data.metrics["bank_patches"] == len(detector.result.net.memory_bank)
+    assert detector.result.net.memory_bank.dtype == torch.float16
+    # detecting, not guessing: the castings' test split is separated
+    images, labels = detector.data.split("test")
+    assert roc_auc_score(labels, defect_probabilities(detector.result.net, images)) > 0.9
+
+
+def test_served_model_scores_as_the_trained_one(detector):
+    mlflow.set_tracking_uri(detector.tracking_uri)
+    model = mlflow.pyfunc.load_model(detector.model_uri)
+    paths = detector.data.split_frame("test")["image_path"].tolist()[:12]
+    frame = pd.DataFrame({"image": [Path(p).read_bytes() for p in paths]})
+    out = model.predict(frame, params={"explain": True})
+    assert list(out.columns[:3]) == ["label", "defect_probability", "threshold"]
+    assert (out["threshold"] == 0.5).all()
+    assert out["defect_probability"].between(0, 1).all()
+    assert out["heatmap"].map(lambda b: b[:4] == b"\x89PNG").all()
+    images, _ = detector.data.split("test")
+    expected = defect_probabilities(detector.result.net, images[:12])
+    np.testing.assert_allclose(out["defect_probability"], expected, atol=1e-5)
+
+
+def test_anomaly_map_peaks_inside_the_defect_box(castings, detector):
+    """The smoothed map's maximum lies in the box the synth recorded (dilated by one
+    stride-8 patch) for most defective test images, far more often than in another's box."""
+    with open(castings / synth.MANIFEST) as manifest:
+        regions = {row["path"]: row for row in csv.DictReader(manifest)}
+    images, _ = detector.data.split("test")
+    maps = heatmaps(detector.result.net, images)
+    assert maps.shape == images.shape[:3] and maps.min() >= 0 and maps.max() <= 1
+    boxes, peaks = [], []
+    for path, heatmap in zip(detector.data.split_frame("test")["image_path"], maps, strict=True):
+        row = regions[str(Path(path).relative_to(castings))]
+        if row["label"] == "defective":
+            boxes.append([int(row[k]) for k in synth.REGION_COLUMNS])
+            peaks.append(peak(heatmap))
+
+    def inside(box, point, margin=8):
+        return box[0] - margin <= point[0] <= box[2] + margin and (
+            box[1] - margin <= point[1] <= box[3] + margin
+        )
+
+    hits = sum(inside(b, p) for b, p in zip(boxes, peaks, strict=True))
+    chance = sum(inside(b, p) for b, p in zip(boxes[1:] + boxes[:1], peaks, strict=True))
+    assert len(boxes) >= 20
+    assert hits >= 0.7 * len(boxes), (hits, len(boxes))
+    assert hits >= 2 * chance, (hits, chance)
+
+
+def test_onnx_export_carries_the_bank_with_parity(detector, tmp_path):
+    from qi.export import export_model
+
+    mlflow.set_tracking_uri(detector.tracking_uri)
+    export = export_model(detector.model_uri, tmp_path / "onnx", publish=False)
+    assert export.parity.holds, export.parity
+    assert export.parity.images == int((detector.data.frame["split"] == "test").sum())
+
+
+def test_coreset_is_bounded_and_covers_far_points():
+    assert bank_size(10_000_000, 0.01, 16384, 200_000) == 16384
+    assert bank_size(1_000_000, 0.01, 16384, 200_000) == 10_000
+    assert bank_size(1000, 0.01, 16384, 1000) == 1000  # the floor, capped by the candidates
+    cloud = torch.cat([torch.zeros(500, 4), torch.full((1, 4), 100.0)])
+    chosen = greedy_coreset(cloud, 2, seed=0)
+    assert 500 in chosen.tolist()  # the lone far patch is kept, not averaged away
+
+
+def test_auto_rule():
+    def frame(defects: int) -> pd.DataFrame:
+        rows = [(f"g{i}", 0, "train") for i in range(50)]
+        rows += [(f"d{i}", 1, "train") for i in range(defects)]
+        rows += [("t", 1, "test")] * 30
+        return pd.DataFrame(rows, columns=["image_path", "label", "split"])
+
+    assert choose_method("auto", frame(MIN_CLASSIFIER_DEFECTS), "class_folders")[0] == "classifier"
+    method, why = choose_method("auto", frame(MIN_CLASSIFIER_DEFECTS - 1), "class_folders")
+    assert method == "anomaly" and "fewer than" in why
+    assert choose_method("auto", frame(100), "mvtec")[0] == "anomaly"
+    assert choose_method("classifier", frame(0), "class_folders")[0] == "classifier"
+
+
+@pytest.fixture(scope="module")
+def good_only(castings, tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("good-only")
+    shutil.copytree(castings / "train" / "ok_front", root / "good")
+    return root
+
+
+def test_good_only_folder_trains_a_detector_by_default(good_only):
+    result = CliRunner().invoke(
+        cli, ["train", "--data-dir", str(good_only), "--image-size", "64", "--no-progress"]
+    )
+    assert result.exit_code == 0, result.output
+    assert "method: anomaly (auto: 0 defective image(s) outside test" in result.output
+    assert "no defect recall was measured" in result.output
+
+
+def test_good_only_errors_are_one_line_before_fitting(good_only, tmp_path):
+    runner = CliRunner()
+    result = runner.invoke(
+        cli, ["train", "--data-dir", str(good_only), "--method", "classifier", "--no-progress"]
+    )
+    assert result.exit_code != 0
+    assert "--method anomaly" in result.output and "Traceback" not in result.output
+    few = tmp_path / "few" / "good"
+    few.mkdir(parents=True)
+    for path in sorted((good_only / "good").iterdir())[:6]:
+        shutil.copy(path, few)
+    result = runner.invoke(cli, ["train", "--data-dir", str(few.parent), "--no-progress"])
+    assert result.exit_code != 0 and "at least 10" in result.output
+    with pytest.raises(ValueError, match="--target-recall"):
+        from qi.anomaly.fitting import fit_detector
+
+        config = replace(_config(good_only), evaluation=EvaluationConfig(target_recall=0.9))
+        data = prepare_data(config.data, progress=False, good_only=True)
+        fit_detector(config, detector_data(data, 0))
+
+
+def test_mvtec_keeps_train_good_for_the_bank(castings, tmp_path):
+    """An MVTec AD category: train/good is the bank, its test folder halves into val and
+    test, stratified by defect type."""
+    root = tmp_path / "bottle"
+    shutil.copytree(castings / "train" / "ok_front", root / "train" / "good")
+    shutil.copytree(castings / "test" / "ok_front", root / "test" / "good")
+    shutil.copytree(castings / "test" / "def_front", root / "test" / "crack")
+    data = prepare_data(DataConfig(data_dir=root, image_size=SIZE), progress=False, good_only=True)
+    assert choose_method("auto", data.frame, data.layout)[0] == "anomaly"
+    split = detector_data(data, seed=0).frame
+    in_train = split["image_path"].str.contains("/train/")
+    assert (split.loc[in_train, "split"] == "train").all()
+    assert set(split.loc[~in_train, "split"]) == {"val", "test"}
+    held = split[~in_train]
+    for name in ("val", "test"):
+        assert (held.loc[held["split"] == name, "label"] == 1).any()
+
+
+def test_model_config_names_the_backbone_the_detector_used(detector):
+    mlflow.set_tracking_uri(detector.tracking_uri)
+    model = mlflow.pyfunc.load_model(detector.model_uri).unwrap_python_model()
+    assert model.spec.method == "anomaly"
+    assert model.spec.model.name == "efficientnet_lite0"
+    assert model.spec.detector.stage_strides == (8, 16)
