@@ -1,0 +1,148 @@
+"""Good-only detection: qi's PatchCore-style detector trained on good images only.
+
+    python benchmarks/anomaly.py                         # ELPV mono cells and the castings
+    python benchmarks/anomaly.py --neighbourhood 1 --strides 8,16
+    python benchmarks/anomaly.py --quick                 # smoke run (used by the tests)
+
+- ELPV monocrystalline cells (elpv-dataset, CC BY-NC-SA: measure, never commit), the 75/25
+  split of ``benchmarks/real_data.py``: the bank sees the *functional* training cells only,
+  defective training cells go to validation (where the threshold is chosen), the test split
+  is the one the supervised study is scored on; 224 px, as the study's backbones;
+- the embedded castings (128 px), trained on good images only the same way.
+
+Printed per data set: test ROC AUC (and per defect kind where the data names kinds),
+accuracy at the chosen threshold, fit seconds, memory-bank MB, peak memory of this process,
+and ms per image through torch, the pyfunc and ONNX Runtime (batches of 32).
+
+anomalib's own PatchCore is not run: anomalib 2.7 (PyPI) brings freia, kornia, jsonargparse,
+omegaconf, imagecodecs, torchmetrics and more into an environment qi keeps lean, so this
+script does not install it (see the README).
+"""
+
+from __future__ import annotations
+
+import resource
+import sys
+import tempfile
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+from _common import benchmark_args
+from sklearn.metrics import roc_auc_score
+
+from qi.anomaly.fitting import detector_data, fit_detector
+from qi.config import DataConfig, DetectorConfig, RunConfig, SynthConfig
+from qi.data.datamodule import prepare_data
+from qi.inference import ModelSpec, defect_probabilities
+from qi.runtime import keep_freed_memory
+
+
+def _ms_per_image(score, images: np.ndarray, batch: int = 32, repeats: int = 3) -> float:
+    chunk = images[:batch]
+    score(chunk)  # warm-up
+    started = time.perf_counter()
+    for _ in range(repeats):
+        score(chunk)
+    return (time.perf_counter() - started) * 1000 / (repeats * len(chunk))
+
+
+def _onnx_ms(net, spec: ModelSpec, images: np.ndarray, folder: Path) -> float:
+    import onnxruntime
+
+    from qi.export import write_onnx
+
+    path = folder / "model.onnx"
+    write_onnx(net, spec, path, "benchmark")
+    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    return _ms_per_image(lambda b: session.run(None, {"image": b}), images)
+
+
+def measure(name: str, root: Path, size: int, detector: DetectorConfig) -> None:
+    config = RunConfig(
+        data=DataConfig(data_dir=root, image_size=size, color_mode="gray"), detector=detector
+    )
+    data = detector_data(
+        prepare_data(config.data, progress=False, good_only=True), config.data.seed
+    )
+    started = time.perf_counter()
+    result = fit_detector(config, data)
+    fit_seconds = time.perf_counter() - started
+    net = result.net
+    images, labels = data.split("test")
+    scores = defect_probabilities(net, images)
+    predicted = scores >= 0.5
+    frame = data.split_frame("test")
+    summary = net.fit_summary
+    print(f"\n## {name}: {int((labels == 0).sum())} good / {int(labels.sum())} defective test")
+    print(
+        f"train good images {int((data.frame['split'] == 'train').sum())}, validation "
+        f"defects {summary['validation_defects']}, bank {summary['bank_patches']} of "
+        f"{summary['candidate_patches']} patches ({summary['bank_mb']:.2f} MB fp16)"
+    )
+    print(f"test ROC AUC {roc_auc_score(labels, scores):.4f}")
+    print(f"test accuracy at the threshold {np.mean(predicted == labels):.4f}")
+    kinds = frame.loc[frame["label"] == 1, "defect_type"].unique()
+    if len(kinds) > 1:
+        for kind in sorted(kinds):
+            mask = (frame["label"] == 0) | (frame["defect_type"] == kind)
+            auc = roc_auc_score(labels[mask.to_numpy()], scores[mask.to_numpy()])
+            print(f"  ROC AUC {kind}: {auc:.4f} ({int((frame['defect_type'] == kind).sum())})")
+    print(f"fit seconds {fit_seconds:.1f} ({int((labels == 0).sum())} test images aside)")
+    spec = ModelSpec(
+        model=replace(config.model, name="efficientnet_lite0"),
+        preprocess=data.preprocess,
+        method="anomaly",
+        detector=detector,
+    )
+    torch_ms = _ms_per_image(lambda b: defect_probabilities(net, b), images)
+    with tempfile.TemporaryDirectory() as tmp:
+        onnx_ms = _onnx_ms(net, spec, images, Path(tmp))
+    print(f"ms per image: torch {torch_ms:.1f}, ONNX Runtime {onnx_ms:.1f}")
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024
+    print(f"peak memory of this process so far {peak} MiB")
+
+
+def main() -> None:
+    args = benchmark_args(
+        __doc__,
+        quick={"sets": "castings", "castings_images": 120},
+        sets="elpv,castings",
+        strides="8,16",
+        neighbourhood=3,
+        coreset_ratio=0.01,
+        castings_images=1600,
+    )
+    keep_freed_memory()
+    detector = DetectorConfig(
+        method="anomaly",
+        stage_strides=tuple(int(s) for s in args.strides.split(",")),
+        neighbourhood=args.neighbourhood,
+        coreset_ratio=args.coreset_ratio,
+    )
+    print(f"detector: {detector}")
+    sets = args.sets.split(",")
+    with tempfile.TemporaryDirectory(prefix="qi-anomaly-") as tmp:
+        if "elpv" in sets:
+            sys.path.insert(0, str(Path(__file__).parent))
+            from real_data import elpv_installed, write_elpv
+
+            if elpv_installed():
+                measure("ELPV mono", write_elpv("mono", Path(tmp) / "elpv"), 224, detector)
+            else:
+                print("elpv-dataset is not installed: pip install -e '.[bench]'")
+        if "castings" in sets:
+            from qi.data import synth
+
+            n = args.castings_images
+            root = synth.generate(
+                Path(tmp) / "castings",
+                SynthConfig(n_train=int(n * 0.8), n_test=n - int(n * 0.8)),
+                progress=False,
+            )
+            measure("castings", root, 128, detector)
+
+
+if __name__ == "__main__":
+    main()
