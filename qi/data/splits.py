@@ -39,10 +39,12 @@ def _split_off(
 
 def check_classes(frame: pd.DataFrame, where: str, good_only: bool = False) -> None:
     """Fail before any training when a class is missing or too small to split; with
-    ``good_only`` (a method that learns from good images) defects may be absent."""
+    ``good_only`` (a method that may learn from good images) data a classifier could not use
+    is accepted when it holds at least :data:`MIN_GOOD_IMAGES` good images."""
     counts = frame["label"].value_counts()
     good, defective = int(counts.get(0, 0)), int(counts.get(1, 0))
-    if good_only:
+    enough_for_a_classifier = min(good, defective) >= MIN_IMAGES_PER_CLASS
+    if good_only and not enough_for_a_classifier:
         if good < MIN_GOOD_IMAGES:
             raise DataLayoutError(
                 f"{where} has {good} good image(s); a detector of good images needs at least "
@@ -51,7 +53,7 @@ def check_classes(frame: pd.DataFrame, where: str, good_only: bool = False) -> N
         return
     for n, name in ((good, "good"), (defective, "defective")):
         if n < MIN_IMAGES_PER_CLASS:
-            hint = " or learn from good images only with --method anomaly"
+            hint = " or learn from good images only with qi train --method anomaly"
             hint = hint if name == "defective" else ""
             raise DataLayoutError(
                 f"{where} has {n} {name} image(s); a classifier needs at least "
