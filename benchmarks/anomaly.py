@@ -36,6 +36,7 @@ from qi.anomaly.fitting import detector_data, fit_detector
 from qi.config import DataConfig, DetectorConfig, RunConfig, SynthConfig
 from qi.data.datamodule import prepare_data
 from qi.inference import ModelSpec, defect_probabilities
+from qi.models.patchcore import detector_backbone
 from qi.runtime import keep_freed_memory
 
 
@@ -67,19 +68,19 @@ def measure(name: str, root: Path, size: int, detector: DetectorConfig) -> None:
         prepare_data(config.data, progress=False, good_only=True), config.data.seed
     )
     started = time.perf_counter()
-    result = fit_detector(config, data)
+    result, summary = fit_detector(config, data)
     fit_seconds = time.perf_counter() - started
     net = result.net
     images, labels = data.split("test")
     scores = defect_probabilities(net, images)
     predicted = scores >= 0.5
     frame = data.split_frame("test")
-    summary = net.fit_summary
     print(f"\n## {name}: {int((labels == 0).sum())} good / {int(labels.sum())} defective test")
+    train_good = int((data.frame["split"] == "train").sum())
     print(
-        f"train good images {int((data.frame['split'] == 'train').sum())}, validation "
-        f"defects {summary['validation_defects']}, bank {summary['bank_patches']} of "
-        f"{summary['candidate_patches']} patches ({summary['bank_mb']:.2f} MB fp16)"
+        f"train good images {train_good}, validation defects {summary.validation_defects}, "
+        f"bank {summary.bank_patches} of {summary.candidate_patches} patches "
+        f"({summary.bank_mb:.2f} MB fp16)"
     )
     print(f"test ROC AUC {roc_auc_score(labels, scores):.4f}")
     print(f"test accuracy at the threshold {np.mean(predicted == labels):.4f}")
@@ -89,9 +90,9 @@ def measure(name: str, root: Path, size: int, detector: DetectorConfig) -> None:
             mask = (frame["label"] == 0) | (frame["defect_type"] == kind)
             auc = roc_auc_score(labels[mask.to_numpy()], scores[mask.to_numpy()])
             print(f"  ROC AUC {kind}: {auc:.4f} ({int((frame['defect_type'] == kind).sum())})")
-    print(f"fit seconds {fit_seconds:.1f} ({int((labels == 0).sum())} test images aside)")
+    print(f"fit seconds {fit_seconds:.1f} (bank of {train_good} images, validation scored)")
     spec = ModelSpec(
-        model=replace(config.model, name="efficientnet_lite0"),
+        model=replace(config.model, name=detector_backbone(config.model)),
         preprocess=data.preprocess,
         method="anomaly",
         detector=detector,

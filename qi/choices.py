@@ -27,9 +27,9 @@ TIMM_PREFIX = "timm:"
 ACTIVATIONS = ("relu", "gelu", "silu", "leaky_relu", "elu")  # qi.models.cnn.ACTIVATIONS
 POOLINGS = ("max", "avg", "avgmax")  # qi.models.parts.GlobalPool
 FINETUNE_MODES = ("head", "last", "all")  # qi.models.InspectionNet.set_finetune
-AUGMENTATIONS = ("affine", "dihedral")
+AUGMENTATIONS = ("affine", "dihedral")  # qi.data.augmentation.build_augmentation
 # classifier: learns good and defective; anomaly: learns good images only (qi.anomaly)
-METHODS = ("auto", "classifier", "anomaly")  # qi.data.augmentation.build_augmentation
+METHODS = ("auto", "classifier", "anomaly")  # qi.anomaly.method.choose_method
 OPTIMIZERS = ("adamw", "adam", "sgd")  # qi.fit.optimizers.OPTIMIZERS
 SAMPLERS = ("tpe", "random")  # qi.study.sampling.SAMPLERS
 PRUNERS = ("median", "hyperband", "successive_halving", "none")  # qi.study.sampling.PRUNERS

@@ -18,6 +18,7 @@ from pytorch_grad_cam import GradCAM
 from pytorch_grad_cam.utils.image import show_cam_on_image
 from pytorch_grad_cam.utils.model_targets import BinaryClassifierOutputTarget
 
+from qi.inference import map_batches
 from qi.models import InspectionNet
 
 log = logging.getLogger(__name__)
@@ -34,16 +35,8 @@ def heatmaps(net: InspectionNet, batch: np.ndarray, batch_size: int = 16) -> np.
 
     A good-only detector shows its anomaly map instead, on its probability scale (0.5 is the
     decision threshold, so a good part stays cold)."""
-    if getattr(net, "method", "classifier") == "anomaly" and len(batch):
-        with torch.inference_mode():
-            return np.concatenate(
-                [
-                    net.anomaly_maps(
-                        torch.from_numpy(batch[i : i + batch_size]).permute(0, 3, 1, 2)
-                    ).numpy()
-                    for i in range(0, len(batch), batch_size)
-                ]
-            )
+    if net.method == "anomaly" and len(batch):
+        return map_batches(net.anomaly_maps, batch, batch_size)
     was_training = net.training
     net.eval()
     maps = []

@@ -11,6 +11,7 @@ from __future__ import annotations
 import base64
 import binascii
 import json
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -134,16 +135,31 @@ def trained_state(net: InspectionNet) -> dict[str, torch.Tensor]:
 
 
 @torch.inference_mode()
+def map_batches(
+    function: Callable[[torch.Tensor], torch.Tensor],
+    images: np.ndarray,
+    batch_size: int = 64,
+    device: torch.device | str = "cpu",
+) -> np.ndarray:
+    """``function`` over a preprocessed uint8 ``(N, H, W, C)`` array, ``batch_size`` images
+    at a time as ``(B, C, H, W)`` tensors on ``device``; the outputs joined on the CPU.
+
+    Every consumer of a network's per-image outputs (probabilities, a detector's raw scores,
+    its anomaly maps) batches the same way, so memory stays bounded at any number of images.
+    """
+    outputs = []
+    for start in range(0, len(images), batch_size):
+        chunk = torch.from_numpy(images[start : start + batch_size]).permute(0, 3, 1, 2)
+        chunk = chunk.to(device).contiguous(memory_format=torch.channels_last)
+        outputs.append(function(chunk).float().cpu().numpy())
+    return np.concatenate(outputs) if outputs else np.zeros(0, np.float32)
+
+
 def defect_probabilities(net: InspectionNet, batch: np.ndarray, batch_size: int = 64) -> np.ndarray:
     """Defect probability per image of a preprocessed uint8 (N, H, W, C) batch (averaged over
     the model's test-time views)."""
     device = next(net.parameters()).device
-    scores = []
-    for start in range(0, len(batch), batch_size):
-        chunk = torch.from_numpy(batch[start : start + batch_size]).permute(0, 3, 1, 2)
-        chunk = chunk.to(device).contiguous(memory_format=torch.channels_last)
-        scores.append(net.probabilities(chunk).cpu().numpy())
-    return np.concatenate(scores) if scores else np.zeros(0, np.float32)
+    return map_batches(net.probabilities, batch, batch_size, device)
 
 
 def prepare_batch(items: list, config: PreprocessConfig) -> np.ndarray:

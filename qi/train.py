@@ -11,7 +11,7 @@ from dataclasses import dataclass, replace
 
 import mlflow
 
-from qi.anomaly.fitting import detector_data, fit_detector
+from qi.anomaly.fitting import DetectorSummary, detector_data, fit_detector
 from qi.anomaly.method import choose_method
 from qi.config import RunConfig
 from qi.data.datamodule import PreparedData, check_data_dir, prepare_data
@@ -46,6 +46,7 @@ class TrainOutcome:
     evaluation: Evaluation | None = None
     method: str = "classifier"
     method_reason: str = ""
+    detector: DetectorSummary | None = None  # a good-only detector's bank and threshold basis
 
 
 def train(config: RunConfig, progress: bool = True) -> TrainOutcome:
@@ -83,9 +84,10 @@ def train(config: RunConfig, progress: bool = True) -> TrainOutcome:
         log_run_config(config, run_id)
         log_config(config, run_id)
         log_prepared_data(data, run_id)
+        detector = None
         if method == "anomaly":
-            result = fit_detector(config, data)
-            log_metrics(result.net.fit_summary, run_id)
+            result, detector = fit_detector(config, data)
+            log_metrics(detector.metrics(), run_id)
         else:
             result = fit(config, data, run_id=run_id, progress=progress)
         log_metrics(
@@ -119,10 +121,11 @@ def train(config: RunConfig, progress: bool = True) -> TrainOutcome:
         model_uri = None
         if config.tracking.log_model:
             threshold = evaluation.threshold if evaluation else 0.5
+            model = config.model
+            if method == "anomaly":  # the detector is named by the encoder it stands on
+                model = replace(model, name=detector_backbone(model))
             spec = ModelSpec(
-                model=replace(config.model, name=detector_backbone(config.model))
-                if method == "anomaly"
-                else config.model,
+                model=model,
                 preprocess=data.preprocess,
                 threshold=threshold,
                 method=method,
@@ -138,4 +141,5 @@ def train(config: RunConfig, progress: bool = True) -> TrainOutcome:
         evaluation=evaluation,
         method=method,
         method_reason=why,
+        detector=detector,
     )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 from pathlib import Path
 
 import cv2
@@ -35,3 +36,35 @@ def make_mvtec(
     for d in defects:  # masks must be ignored
         make_class_folders(root / "ground_truth", {d: 2})
     return root
+
+
+def peaks_in_defect_boxes(
+    root: Path, data, maps: np.ndarray, margin: float
+) -> tuple[int, int, int]:
+    """How often a map's maximum lies in the defect box the synth recorded for its image.
+
+    ``maps`` are one per test image of ``data`` (a prepared synth folder at ``root``). Returns
+    (defective test images, peaks inside their own box, peaks inside the next image's box:
+    what chance alone would give), each box dilated by ``margin`` pixels.
+    """
+    from qi.data import synth
+    from qi.heatmaps import peak
+
+    with open(root / synth.MANIFEST) as manifest:
+        regions = {row["path"]: row for row in csv.DictReader(manifest)}
+    boxes, peaks = [], []
+    for path, heatmap in zip(data.split_frame("test")["image_path"], maps, strict=True):
+        row = regions[str(Path(path).relative_to(root))]
+        if row["label"] == "defective":
+            boxes.append([int(row[k]) for k in synth.REGION_COLUMNS])
+            peaks.append(peak(heatmap))
+
+    def inside(box: list[int], point: tuple[int, int]) -> bool:
+        x0, y0, x1, y1 = box
+        x, y = point
+        return x0 - margin <= x <= x1 + margin and y0 - margin <= y <= y1 + margin
+
+    hits = sum(inside(b, p) for b, p in zip(boxes, peaks, strict=True))
+    shifted = boxes[1:] + boxes[:1]
+    chance = sum(inside(b, p) for b, p in zip(shifted, peaks, strict=True))
+    return len(boxes), hits, chance

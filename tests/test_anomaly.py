@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import csv
 import shutil
 from dataclasses import replace
 from pathlib import Path
@@ -28,10 +27,11 @@ from qi.config import (
 )
 from qi.data import synth
 from qi.data.datamodule import prepare_data
-from qi.heatmaps import heatmaps, peak
+from qi.heatmaps import heatmaps
 from qi.inference import defect_probabilities
 from qi.models.memory_bank import bank_size, greedy_coreset
 from qi.tags import Tag
+from tests.helpers import peaks_in_defect_boxes
 
 SIZE = 96
 
@@ -109,27 +109,12 @@ def test_served_model_scores_as_the_trained_one(detector):
 def test_anomaly_map_peaks_inside_the_defect_box(castings, detector):
     """The smoothed map's maximum lies in the box the synth recorded (dilated by one
     stride-8 patch) for most defective test images, far more often than in another's box."""
-    with open(castings / synth.MANIFEST) as manifest:
-        regions = {row["path"]: row for row in csv.DictReader(manifest)}
     images, _ = detector.data.split("test")
     maps = heatmaps(detector.result.net, images)
     assert maps.shape == images.shape[:3] and maps.min() >= 0 and maps.max() <= 1
-    boxes, peaks = [], []
-    for path, heatmap in zip(detector.data.split_frame("test")["image_path"], maps, strict=True):
-        row = regions[str(Path(path).relative_to(castings))]
-        if row["label"] == "defective":
-            boxes.append([int(row[k]) for k in synth.REGION_COLUMNS])
-            peaks.append(peak(heatmap))
-
-    def inside(box, point, margin=8):
-        return box[0] - margin <= point[0] <= box[2] + margin and (
-            box[1] - margin <= point[1] <= box[3] + margin
-        )
-
-    hits = sum(inside(b, p) for b, p in zip(boxes, peaks, strict=True))
-    chance = sum(inside(b, p) for b, p in zip(boxes[1:] + boxes[:1], peaks, strict=True))
-    assert len(boxes) >= 20
-    assert hits >= 0.7 * len(boxes), (hits, len(boxes))
+    defective, hits, chance = peaks_in_defect_boxes(castings, detector.data, maps, margin=8)
+    assert defective >= 20
+    assert hits >= 0.7 * defective, (hits, defective)
     assert hits >= 2 * chance, (hits, chance)
 
 

@@ -1,19 +1,11 @@
 """Heatmaps point at the defect: the synth knows where it drew each one."""
 
-import csv
-from pathlib import Path
-
 import pytest
 
 from qi.config import DataConfig, ModelConfig, RunConfig, SynthConfig, TrackingConfig, TrainConfig
 from qi.data import synth
-from qi.heatmaps import heatmaps, peak
-
-
-def _inside(box: list[int], point: tuple[int, int], margin: float) -> bool:
-    x0, y0, x1, y1 = box
-    x, y = point
-    return x0 - margin <= x <= x1 + margin and y0 - margin <= y <= y1 + margin
+from qi.heatmaps import heatmaps
+from tests.helpers import peaks_in_defect_boxes
 
 
 @pytest.mark.slow
@@ -39,20 +31,9 @@ def test_heatmap_peaks_fall_on_the_planted_defects(tmp_path_factory):
         ),
         progress=False,
     )
-    with open(root / synth.MANIFEST) as manifest:
-        regions = {row["path"]: row for row in csv.DictReader(manifest)}
     images, _ = outcome.data.split("test")
     maps = heatmaps(outcome.result.net, images)
-    boxes, peaks = [], []
-    for path, heatmap in zip(outcome.data.split_frame("test")["image_path"], maps, strict=True):
-        row = regions[str(Path(path).relative_to(root))]
-        if row["label"] == "defective":
-            boxes.append([int(row[k]) for k in synth.REGION_COLUMNS])
-            peaks.append(peak(heatmap))
-    cell = size / 8
-    hits = sum(_inside(b, p, cell) for b, p in zip(boxes, peaks, strict=True))
-    shifted = boxes[1:] + boxes[:1]
-    chance = sum(_inside(b, p, cell) for b, p in zip(shifted, peaks, strict=True))
-    assert len(boxes) >= 20
-    assert hits >= 0.8 * len(boxes), (hits, len(boxes))
+    defective, hits, chance = peaks_in_defect_boxes(root, outcome.data, maps, margin=size / 8)
+    assert defective >= 20
+    assert hits >= 0.8 * defective, (hits, defective)
     assert hits >= 2 * chance, (hits, chance)

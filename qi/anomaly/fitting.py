@@ -18,7 +18,7 @@ from __future__ import annotations
 import logging
 import math
 import time
-from dataclasses import replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -30,6 +30,7 @@ from qi.data.datamodule import PreparedData
 from qi.evaluation.metrics import binary_metrics
 from qi.evaluation.operating_point import choose_threshold
 from qi.fit import FitResult
+from qi.inference import map_batches
 from qi.models.memory_bank import MAX_CANDIDATES, bank_size, greedy_coreset, sample_patches
 from qi.models.patchcore import PatchCoreNet, build_detector
 
@@ -66,13 +67,23 @@ def validation_defects(data: PreparedData) -> int:
     return int(labels.sum())
 
 
-@torch.inference_mode()
 def raw_scores(net: PatchCoreNet, images: np.ndarray) -> np.ndarray:
-    scores = [
-        net.raw_scores(torch.from_numpy(images[i : i + BATCH]).permute(0, 3, 1, 2)).numpy()
-        for i in range(0, len(images), BATCH)
-    ]
-    return np.concatenate(scores) if scores else np.zeros(0, np.float32)
+    return map_batches(net.raw_scores, images, BATCH)
+
+
+@dataclass(frozen=True)
+class DetectorSummary:
+    """What a fitted detector kept and what its threshold rests on: logged as the run's
+    metrics, printed by ``qi train``."""
+
+    bank_patches: int
+    candidate_patches: int
+    bank_mb: float
+    validation_defects: int
+    recall_measured: bool  # False: the threshold rests on good images only
+
+    def metrics(self) -> dict[str, float]:
+        return {name: float(value) for name, value in asdict(self).items()}
 
 
 @torch.inference_mode()
@@ -97,7 +108,7 @@ def memory_bank(
     return candidates[chosen].clone(), total
 
 
-def fit_detector(config: RunConfig, data: PreparedData) -> FitResult:
+def fit_detector(config: RunConfig, data: PreparedData) -> tuple[FitResult, DetectorSummary]:
     """Build the bank from the good training images, set the operating point on validation.
 
     ``data`` must already hold the detector's splits (:func:`detector_data`).
@@ -110,7 +121,6 @@ def fit_detector(config: RunConfig, data: PreparedData) -> FitResult:
             f"--target-recall {target} needs defective images in validation; it has {defects}: "
             "add labelled defects or leave --target-recall out"
         )
-    torch.manual_seed(config.train.seed)
     net = build_detector(config.model, config.detector, data.preprocess.channels)
     images, labels = data.split("train")
     good = images[labels == 0]
@@ -145,14 +155,14 @@ def fit_detector(config: RunConfig, data: PreparedData) -> FitResult:
         defects,
         "" if measured else ": threshold from good images only, no defect recall measured",
     )
-    net.fit_summary = {
-        "bank_patches": len(bank),
-        "candidate_patches": patches,
-        "bank_mb": net.bank_megabytes,
-        "validation_defects": defects,
-        "recall_measured": measured,
-    }
-    return FitResult(
+    summary = DetectorSummary(
+        bank_patches=len(bank),
+        candidate_patches=patches,
+        bank_mb=net.bank_megabytes,
+        validation_defects=defects,
+        recall_measured=measured,
+    )
+    result = FitResult(
         net=net,
         best_epoch=0,
         epochs_run=1,
@@ -160,3 +170,4 @@ def fit_detector(config: RunConfig, data: PreparedData) -> FitResult:
         seconds=seconds,
         images_per_second=len(good) / max(seconds, 1e-9),
     )
+    return result, summary

@@ -15,6 +15,7 @@ import sys
 import warnings
 from functools import wraps
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
 
@@ -31,6 +32,9 @@ from qi.config import (
     SynthConfig,
     TuneConfig,
 )
+
+if TYPE_CHECKING:  # the training stack loads only where a command runs it
+    from qi.anomaly.fitting import DetectorSummary
 
 log = logging.getLogger("qi")
 
@@ -156,9 +160,8 @@ def train(run: RunConfig, progress: bool) -> None:
     )
     if outcome.evaluation is not None:
         click.echo(describe_evaluation(outcome.evaluation))
-    summary = getattr(outcome.result.net, "fit_summary", None)
-    if summary is not None:
-        click.echo(describe_detector(summary, run.detector.max_false_alarm_rate))
+    if outcome.detector is not None:
+        click.echo(describe_detector(outcome.detector, run.detector.max_false_alarm_rate))
     if outcome.model_uri:
         click.echo(f"model: {outcome.model_uri}")
     click.echo(f"MLflow UI: {ui_link(outcome.run_id)}")
@@ -195,16 +198,16 @@ def tune(tune: TuneConfig, run: RunConfig, progress: bool) -> None:
     click.echo(f"MLflow UI: {ui_link(outcome.parent_run_id)}")
 
 
-def describe_detector(summary: dict, false_alarm_rate: float) -> str:
+def describe_detector(summary: DetectorSummary, false_alarm_rate: float) -> str:
     """What a good-only detector kept, and what its threshold rests on."""
     text = (
-        f"memory bank: {summary['bank_patches']} of {summary['candidate_patches']} good patches "
-        f"({summary['bank_mb']:.1f} MB)"
+        f"memory bank: {summary.bank_patches} of {summary.candidate_patches} good patches "
+        f"({summary.bank_mb:.1f} MB)"
     )
-    if not summary["recall_measured"]:
+    if not summary.recall_measured:
         text += (
             f"\nno defect recall was measured: validation held "
-            f"{summary['validation_defects']} defective image(s); the threshold flags "
+            f"{summary.validation_defects} defective image(s); the threshold flags "
             f"{false_alarm_rate:.0%} of held-out good images"
         )
     return text
