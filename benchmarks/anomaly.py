@@ -113,6 +113,8 @@ def main() -> None:
         strides="8,16",
         neighbourhood=3,
         coreset_ratio=0.01,
+        neighbours=1,
+        elpv_size=224,
         castings_images=1600,
     )
     keep_freed_memory()
@@ -121,6 +123,7 @@ def main() -> None:
         stage_strides=tuple(int(s) for s in args.strides.split(",")),
         neighbourhood=args.neighbourhood,
         coreset_ratio=args.coreset_ratio,
+        neighbours=args.neighbours,
     )
     print(f"detector: {detector}")
     sets = args.sets.split(",")
@@ -130,7 +133,8 @@ def main() -> None:
             from real_data import elpv_installed, write_elpv
 
             if elpv_installed():
-                measure("ELPV mono", write_elpv("mono", Path(tmp) / "elpv"), 224, detector)
+                root = write_elpv("mono", Path(tmp) / "elpv")
+                measure("ELPV mono", root, args.elpv_size, detector)
             else:
                 print("elpv-dataset is not installed: pip install -e '.[bench]'")
         if "castings" in sets:

@@ -21,6 +21,9 @@ BACKBONES = (
     "mobilenet_v3_large",
 )
 MODELS = ("cnn", *BACKBONES)  # qi.models.MODELS
+# the encoder a good-only detector uses where the configuration names the CNN, which has no
+# pretrained features to compare (qi.models.patchcore.detector_backbone)
+DETECTOR_BACKBONE = "efficientnet_lite0"
 # any timm architecture, built offline with a weights file the user names
 TIMM_PREFIX = "timm:"
 

@@ -350,6 +350,31 @@ def _ordered_range(value: tuple) -> str | None:
     return f"low {low} is above high {high}" if low > high else None
 
 
+def stride_list(text: str) -> tuple[int, ...]:
+    """``"8,16"`` -> ``(8, 16)``: a study's choice of stage strides (ValueError if not)."""
+    try:
+        strides = tuple(int(part) for part in text.split(","))
+    except ValueError:
+        raise ValueError(f"'{text}' is not a comma list of strides such as 8,16") from None
+    problem = _strides(strides)
+    if problem:
+        raise ValueError(problem)
+    return strides
+
+
+def _stride_lists(value: tuple) -> str | None:
+    for text in value:
+        try:
+            stride_list(text)
+        except ValueError as exc:
+            return str(exc)
+    return _not_empty(value)
+
+
+def _odd_sizes(value: tuple) -> str | None:
+    return next((p for p in map(_odd, value) if p), None) or _not_empty(value)
+
+
 def _not_empty(value: tuple) -> str | None:
     return None if value else "needs at least one choice"
 
@@ -421,6 +446,25 @@ class SearchSpace(Checked):
     )
     encoder_lr_scale: tuple[float, ...] = option(
         (0.03, 0.3), "Fine-tuned encoder's learning-rate scale (log scale).", check=_ordered_range
+    )
+    # the good-only detector's (--method anomaly); strides as "8,16": Optuna's choices are
+    # plain values
+    detector_strides: tuple[str, ...] = option(
+        ("8,16", "4,8", "8,16,32"),
+        "Anomaly: the stage strides a detector compares, each choice a comma list.",
+        check=_stride_lists,
+    )
+    detector_neighbourhoods: tuple[int, ...] = option(
+        (1, 3, 5), "Anomaly: neighbourhood sizes (odd).", check=_odd_sizes
+    )
+    detector_coreset_ratio: tuple[float, ...] = option(
+        (0.005, 0.03),
+        "Anomaly: share of the good patches the bank keeps (log scale; the coreset's time "
+        "grows with it).",
+        check=_ordered_range,
+    )
+    detector_neighbours: tuple[int, ...] = option(
+        (1, 3), "Anomaly: nearest bank patches a patch's score averages.", check=_not_empty
     )
 
 

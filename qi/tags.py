@@ -99,3 +99,4 @@ class TrialAttr:
     WORKER = "worker"
     DATA_DIGEST = "data_digest"
     VAL_LOSS = "val_loss"
+    METHOD = "method"  # "classifier" or "anomaly" (trials before it existed: classifier)

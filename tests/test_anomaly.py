@@ -8,6 +8,7 @@ from pathlib import Path
 
 import mlflow
 import numpy as np
+import optuna
 import pandas as pd
 import pytest
 import torch
@@ -22,14 +23,19 @@ from qi.config import (
     DetectorConfig,
     EvaluationConfig,
     RunConfig,
+    SearchSpace,
     SynthConfig,
     TrackingConfig,
+    TuneConfig,
 )
 from qi.data import synth
 from qi.data.datamodule import prepare_data
 from qi.heatmaps import heatmaps
 from qi.inference import defect_probabilities
 from qi.models.memory_bank import bank_size, greedy_coreset
+from qi.storage import StorageError
+from qi.study.space import apply_params, params_of
+from qi.study.worker import check_study_method
 from qi.tags import Tag
 from tests.helpers import peaks_in_defect_boxes
 
@@ -211,3 +217,79 @@ def test_model_config_names_the_backbone_the_detector_used(detector):
     assert model.spec.method == "anomaly"
     assert model.spec.model.name == "efficientnet_lite0"
     assert model.spec.detector.stage_strides == (8, 16)
+
+
+@pytest.mark.slow
+def test_tune_searches_detector_settings_and_registers_the_best(castings, tmp_path):
+    """qi tune --method anomaly: trials are nested runs over the detector's settings (no
+    optimiser), the first is qi train's, and the best is evaluated, registered and served
+    as a detector."""
+    from qi.study import tune
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    mlflow.set_tracking_uri(uri)
+    base = _config(castings)
+    base = replace(base, tracking=replace(base.tracking, tracking_uri=uri))
+    config = TuneConfig(n_trials=2, timeout=None, study_name="detectors", model_name="casting")
+    outcome = tune(base, config, progress=False)
+    assert outcome.method == "anomaly"
+    first, second = outcome.study.trials
+    assert first.params == {
+        "model.name": "efficientnet_lite0",
+        "backbone.image_size": 224,
+        "detector.stage_strides": "8,16",
+        "detector.neighbourhood": 3,
+        "detector.coreset_ratio": 0.01,
+        "detector.neighbours": 1,
+    }
+    assert second.params.keys() == first.params.keys()
+    client = mlflow.MlflowClient()
+    children = client.search_runs(
+        [client.get_run(outcome.parent_run_id).info.experiment_id],
+        filter_string=f"tags.mlflow.parentRunId = '{outcome.parent_run_id}'",
+    )
+    assert len(children) == 2
+    for run in children:
+        assert run.data.tags[Tag.METHOD] == "anomaly" and run.info.status == "FINISHED"
+        assert run.data.metrics["bank_patches"] > 0 and "objective" in run.data.metrics
+    assert client.get_run(outcome.parent_run_id).data.tags[Tag.METHOD] == "anomaly"
+    version = client.get_model_version("casting", outcome.registered_version)
+    assert version.description.startswith("A good-only detector")
+    served = mlflow.pyfunc.load_model("models:/casting@champion").unwrap_python_model()
+    assert served.spec.method == "anomaly" and served.spec.threshold == 0.5
+    assert served.spec.preprocess.image_size == SIZE  # no larger than the files
+
+
+def test_detector_search_round_trips_its_settings():
+    """A detector's config -> Optuna params (strides as plain text) -> the same config."""
+    config = _config(Path("."), stage_strides=(4, 8), neighbourhood=5)
+    config = replace(config, model=replace(config.model, name="efficientnet_lite0"))
+    params = params_of(config, "anomaly")
+    assert params["detector.stage_strides"] == "4,8"
+    assert apply_params(RunConfig(), params).detector == replace(
+        DetectorConfig(), stage_strides=(4, 8), neighbourhood=5
+    )
+    with pytest.raises(ValueError, match="comma list"):
+        SearchSpace(detector_strides=("8;16",))
+
+
+def test_tune_refuses_a_detector_study_without_defects_to_rank_on(good_only, tmp_path):
+    result = CliRunner().invoke(
+        cli,
+        ["tune", "--data-dir", str(good_only), "--tracking-uri", f"sqlite:///{tmp_path}/m.db",
+         "--no-progress"],
+    )  # fmt: skip
+    assert result.exit_code != 0 and "Traceback" not in result.output
+    (error,) = [line for line in result.output.splitlines() if line.startswith("Error:")]
+    assert "qi train --method anomaly" in error and "has 0 (needs 5)" in error
+
+
+def test_a_study_keeps_one_method():
+    """Classifier and detector objectives are measured on different validation splits."""
+    study = optuna.create_study()
+    study.add_trial(optuna.trial.create_trial(value=0.5))  # a study from before the option
+    with pytest.raises(StorageError, match="--method classifier"):
+        check_study_method(study, "anomaly", "old")
+    check_study_method(study, "classifier", "old")
+    with pytest.raises(StorageError, match="holds classifier trials"):
+        check_study_method(study, "anomaly", "old")

@@ -27,6 +27,7 @@ from sklearn.model_selection import train_test_split
 
 from qi.config import RunConfig
 from qi.data.datamodule import PreparedData
+from qi.data.discovery import DataLayoutError
 from qi.evaluation.metrics import binary_metrics
 from qi.evaluation.operating_point import choose_threshold
 from qi.fit import FitResult
@@ -40,8 +41,9 @@ MIN_VALIDATION_DEFECTS = 5
 BATCH = 16
 
 
-class NoDefectsToJudge(ValueError):
-    """A setting that needs defects in validation, asked of data without them."""
+class NoDefectsToJudge(DataLayoutError):
+    """A setting that needs defects in validation, asked of data without them (a data
+    problem the user fixes: the CLI shows it as one line)."""
 
 
 def detector_data(data: PreparedData, seed: int) -> PreparedData:

@@ -59,7 +59,7 @@ TUNE_OPTIONS = dict(
     tune=TuneConfig,
     run=RunConfig,
     include=("run.data.*", "tune.*", "run.model.pretrained", "run.train.precision",
-             "run.train.seed", "run.tracking.*", "run.evaluation.*"),
+             "run.train.seed", "run.tracking.*", "run.evaluation.*", "run.detector.*"),
     exclude=("tune.space.*", "run.data.image_size"),
 )  # fmt: skip
 
@@ -183,6 +183,7 @@ def tune(tune: TuneConfig, run: RunConfig, progress: bool) -> None:
         raise click.UsageError(str(exc)) from exc
     outcome = run_tune(run, tune, progress=progress)
     study = outcome.study
+    click.echo(f"method: {outcome.method} ({outcome.method_reason})")
     click.echo(
         f"study {study.study_name}: {len(study.trials)} trials, parent run {outcome.parent_run_id}"
     )

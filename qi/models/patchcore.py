@@ -26,10 +26,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from qi import choices
 from qi.config import DetectorConfig, ModelConfig
 from qi.models.encoders import FeatureStage, backbone_of
 
-DEFAULT_BACKBONE = "efficientnet_lite0"
+DEFAULT_BACKBONE = choices.DETECTOR_BACKBONE
 BANK_CHUNK = 4096  # bank patches per distance block: (query patches x 4096) floats at a time
 SMOOTHING_SIGMA = 4.0
 

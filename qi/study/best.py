@@ -47,6 +47,8 @@ class TuneOutcome:
     model_uri: str | None
     registered_version: str | None = None
     decision: PromotionDecision | None = None
+    method: str = "classifier"
+    method_reason: str = ""
 
 
 def best_trial(study: optuna.Study) -> optuna.trial.FrozenTrial | None:
@@ -96,12 +98,16 @@ def finish_best(
             prepared.digest,
         )
     settings = base.evaluation
-    if settings.try_test_time_views and net.test_time_views == 1:
+    detector = spec.method == "anomaly"
+    if settings.try_test_time_views and not detector and net.test_time_views == 1:
         views = views_on_validation(net, *prepared.split("val"))
         net.test_time_views = views
         spec = replace(spec, model=replace(spec.model, test_time_views=views))
         mlflow.log_param("best.test_time_views", views)
-    evaluation = evaluate(net, prepared, settings.target_recall)
+    # a detector's threshold was set on validation when it was fitted: its probability 0.5
+    evaluation = evaluate(
+        net, prepared, settings.target_recall, threshold=0.5 if detector else None
+    )
     log_evaluation(
         evaluation,
         parent_run_id,
@@ -190,8 +196,15 @@ def model_description(evaluation: Evaluation, config: TuneConfig, best) -> str:
         origin = "the fewest balanced errors on validation"
     else:
         origin = f"chosen on validation for defect recall >= {evaluation.target_recall}"
+    kind = ""
+    if best.user_attrs.get(TrialAttr.METHOD) == "anomaly":
+        kind = (
+            "A good-only detector (PatchCore-style memory bank of good patches; defects only "
+            "judged it). "
+        )
+        origin += ", where its defect probability is 0.5"
     text = (
-        f"Best trial {best.number} of Optuna study '{config.study_name}' ({config.metric} "
+        f"{kind}Best trial {best.number} of Optuna study '{config.study_name}' ({config.metric} "
         f"{best.value:.4f}). Test: accuracy {m['acc']:.4f}, F1 {m['f1']:.4f}, defect recall "
         f"{m['defect_recall']:.4f}, ROC AUC {m['auroc']:.4f} at threshold "
         f"{evaluation.threshold:.4f} ({origin}). Input: DataFrame column 'image' of encoded "

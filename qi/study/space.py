@@ -15,7 +15,8 @@ from typing import Any
 
 import optuna
 
-from qi.config import RunConfig, SearchSpace, TuneConfig
+from qi import choices
+from qi.config import RunConfig, SearchSpace, TuneConfig, stride_list
 from qi.storage import redacted
 
 
@@ -77,6 +78,14 @@ def _always(params: dict) -> bool:
     return True
 
 
+def _same(value: Any) -> Any:
+    return value
+
+
+def _stride_text(strides: tuple[int, ...]) -> str:
+    return ",".join(str(s) for s in strides)
+
+
 @dataclass(frozen=True)
 class SearchParam:
     """One dimension of the search: its Optuna name, the config field it sets, the
@@ -88,6 +97,8 @@ class SearchParam:
     domain: str  # SearchSpace field: (low, high) or choices
     kind: str  # "choice", "int", "float" or "log"
     when: Callable[[dict], bool] = _always
+    to_config: Callable[[Any], Any] = _same  # Optuna's plain value -> the field's value
+    from_config: Callable[[Any], Any] = _same  # and back (a trial to enqueue)
 
 
 # in sampling order: conditions may read what is sampled before them
@@ -124,17 +135,49 @@ SEARCH = (
 )  # fmt: skip
 
 
+# a good-only detector's study (--method anomaly): no training, so no optimiser; what
+# changes its patches and its bank
+DETECTOR_SEARCH = (
+    SearchParam("model.name", "model.name", "detector_backbones", "choice"),
+    SearchParam("backbone.image_size", "data.image_size", "backbone_image_sizes", "choice"),
+    SearchParam(
+        "detector.stage_strides", "detector.stage_strides", "detector_strides", "choice",
+        to_config=stride_list, from_config=_stride_text,
+    ),
+    SearchParam(
+        "detector.neighbourhood", "detector.neighbourhood", "detector_neighbourhoods", "choice"
+    ),
+    SearchParam(
+        "detector.coreset_ratio", "detector.coreset_ratio", "detector_coreset_ratio", "log"
+    ),
+    SearchParam("detector.neighbours", "detector.neighbours", "detector_neighbours", "choice"),
+)  # fmt: skip
+
+
+def search_of(method: str) -> tuple[SearchParam, ...]:
+    """The parameters a study of ``method`` ("classifier" or "anomaly") samples."""
+    return DETECTOR_SEARCH if method == "anomaly" else SEARCH
+
+
+def detector_backbones(space: SearchSpace) -> tuple[str, ...]:
+    """The space's pretrained encoders (the CNN has no features to compare), or the
+    detector's default one."""
+    return tuple(m for m in space.models if m != "cnn") or (choices.DETECTOR_BACKBONE,)
+
+
 def domain_of(param: SearchParam, space: SearchSpace, params: dict) -> tuple:
     if param.domain == "learning_rate":  # SGD's good rates are an order of magnitude higher
         return learning_rate_range(space, params["train.optimizer"])
+    if param.domain == "detector_backbones":
+        return detector_backbones(space)
     return getattr(space, param.domain)
 
 
-def suggest_params(trial: optuna.Trial, space: SearchSpace) -> dict:
+def suggest_params(trial: optuna.Trial, space: SearchSpace, method: str = "classifier") -> dict:
     """Sample one configuration; every parameter first, as Optuna's examples do. Returns
     Optuna names -> values (see :func:`apply_params`)."""
     params: dict[str, Any] = {}
-    for param in SEARCH:
+    for param in search_of(method):
         if not param.when(params):
             continue
         domain = domain_of(param, space, params)
@@ -154,27 +197,23 @@ def learning_rate_range(space: SearchSpace, optimizer: str) -> tuple[float, floa
 
 def apply_params(base: RunConfig, params: dict[str, Any]) -> RunConfig:
     """``base`` with the sampled ``params`` (Optuna names) put into the fields they set."""
-    targets = {p.name: p.target for p in SEARCH}
-    sections: dict[str, dict[str, Any]] = {"data": {}, "model": {}, "train": {}}
+    known = {p.name: p for p in (*SEARCH, *DETECTOR_SEARCH)}
+    sections: dict[str, dict[str, Any]] = {"data": {}, "model": {}, "train": {}, "detector": {}}
     for key, value in params.items():
-        section, name = targets.get(key, key).split(".", 1)
-        sections[section][name] = value
-    return replace(
-        base,
-        data=replace(base.data, **sections["data"]),
-        model=replace(base.model, **sections["model"]),
-        train=replace(base.train, **sections["train"]),
-    )
+        param = known.get(key)
+        section, name = (param.target if param else key).split(".", 1)
+        sections[section][name] = param.to_config(value) if param else value
+    return replace(base, **{s: replace(getattr(base, s), **v) for s, v in sections.items()})
 
 
-def params_of(config: RunConfig) -> dict[str, Any]:
+def params_of(config: RunConfig, method: str = "classifier") -> dict[str, Any]:
     """The search's parameters that apply to ``config``, with its values (a trial to
     enqueue)."""
     params: dict[str, Any] = {}
-    for param in SEARCH:
+    for param in search_of(method):
         if param.when(params):
             section, name = param.target.split(".", 1)
-            params[param.name] = getattr(getattr(config, section), name)
+            params[param.name] = param.from_config(getattr(getattr(config, section), name))
     return params
 
 
@@ -189,10 +228,18 @@ FROZEN_HEAD = {
 }
 
 
-def starting_trials(base: RunConfig, space: SearchSpace) -> list[dict]:
+def starting_trials(base: RunConfig, space: SearchSpace, method: str = "classifier") -> list[dict]:
     """What a new study runs first, cheap before dear: heads on frozen pretrained features
     (seconds per fit once the features are cached), then `qi train`'s configuration; each
-    only where the search space holds it."""
+    only where the search space holds it. A detector's study starts from `qi train
+    --method anomaly`'s settings."""
+    if method == "anomaly":
+        model = replace(base.model, name=detector_backbones(space)[0])
+        detector = replace(
+            base, model=model, data=replace(base.data, image_size=space.backbone_image_sizes[0])
+        )
+        candidates = [params_of(detector, method)]
+        return [c for c in candidates if _inside(c, space, method)]
     heads = []
     for hidden in (0, 256):  # a linear head, then one hidden layer
         head = replace(base, model=replace(base.model, **FROZEN_HEAD, head_hidden=hidden))
@@ -203,8 +250,8 @@ def starting_trials(base: RunConfig, space: SearchSpace) -> list[dict]:
     return [c for c in candidates if _inside(c, space)]
 
 
-def _inside(values: dict[str, Any], space: SearchSpace) -> bool:
-    for param in SEARCH:
+def _inside(values: dict[str, Any], space: SearchSpace, method: str = "classifier") -> bool:
+    for param in search_of(method):
         if param.name not in values:
             continue
         value, domain = values[param.name], domain_of(param, space, values)

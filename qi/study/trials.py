@@ -22,10 +22,12 @@ from lightning.pytorch.callbacks import Callback
 from optuna.trial import TrialState
 from optuna_integration import PyTorchLightningPruningCallback
 
+from qi.anomaly.fitting import detector_data, fit_detector
 from qi.config import RunConfig, TuneConfig
 from qi.data.datamodule import PreparedData, prepare_data
-from qi.fit import fit
+from qi.fit import FitResult, fit
 from qi.inference import ModelSpec, load_network, trained_state
+from qi.models.patchcore import detector_backbone
 from qi.study.recovery import worker_id
 from qi.study.space import apply_params, suggest_params
 from qi.tags import Artifact, Kind, Tag, TrialAttr
@@ -47,16 +49,36 @@ FINISHED_STATES = (TrialState.COMPLETE, TrialState.PRUNED)
 
 
 class DataByImageSize:
-    """Prepared data per image size, shared by every trial of this worker."""
+    """Prepared data per image size, shared by every trial of this worker.
+
+    Until :meth:`use_method` says which method the study runs, a folder of good images only
+    is accepted unless the user asked for a classifier; a detector's study then gets the
+    detector's splits (:func:`qi.anomaly.fitting.detector_data`) at every size.
+    """
 
     def __init__(self, base: RunConfig, progress: bool) -> None:
         self.base, self.progress = base, progress
+        self.method: str | None = None
         self._prepared: dict[int, PreparedData] = {}
+
+    def use_method(self, method: str) -> None:
+        self.method = method
+        if method == "anomaly":
+            self._prepared = {
+                size: detector_data(data, self.base.data.seed)
+                for size, data in self._prepared.items()
+            }
 
     def get(self, image_size: int) -> PreparedData:
         if image_size not in self._prepared:
             config = replace(self.base.data, image_size=image_size)
-            self._prepared[image_size] = prepare_data(config, self.base.synth, self.progress)
+            good_only = (self.method or self.base.detector.method) == "anomaly" or (
+                self.method is None and self.base.detector.method == "auto"
+            )
+            data = prepare_data(config, self.base.synth, self.progress, good_only=good_only)
+            if self.method == "anomaly":
+                data = detector_data(data, self.base.data.seed)
+            self._prepared[image_size] = data
         return self._prepared[image_size]
 
     @property
@@ -114,6 +136,7 @@ class TrialRunner:
     ) -> None:
         self.base, self.tune, self.parent_run_id = base, tune, parent_run_id
         self.data, self.deadline, self.progress = data, deadline, progress
+        self.method = data.method or "classifier"
 
     def __call__(self, trial: optuna.Trial) -> float:
         # the run exists before anything can fail: every trial is logged exactly once
@@ -124,6 +147,7 @@ class TrialRunner:
                 Tag.KIND: Kind.TRIAL,
                 Tag.STUDY_NAME: self.tune.study_name,
                 Tag.TRIAL_NUMBER: str(trial.number),
+                Tag.METHOD: self.method,
                 Tag.WORKER: worker_id(),
                 **standard_tags(None),
             },
@@ -131,20 +155,10 @@ class TrialRunner:
         trial.set_user_attr(TrialAttr.RUN_ID, run_id)
         trial.set_user_attr(TrialAttr.PARENT_RUN_ID, self.parent_run_id)
         trial.set_user_attr(TrialAttr.WORKER, worker_id())
+        trial.set_user_attr(TrialAttr.METHOD, self.method)
         try:
             config, data = self._configure(trial, run_id)
-            callbacks: list[Callback] = [
-                PyTorchLightningPruningCallback(trial, monitor=self.tune.metric)
-            ]
-            if self.deadline is not None:
-                callbacks.append(
-                    BudgetCheck(
-                        self.deadline,
-                        config.train.early_stopping_after,
-                        lambda: _has_complete_trial(trial.study),
-                    )
-                )
-            result = fit(config, data, run_id=run_id, callbacks=callbacks, progress=self.progress)
+            result = self._fit(trial, config, data, run_id)
         except BudgetPruned:
             end_pruned(run_id, by="budget")
             raise
@@ -170,7 +184,11 @@ class TrialRunner:
             },
             run_id,
         )
-        if self._cut_by_deadline(result, config) and _has_complete_trial(trial.study):
+        if (
+            self.method == "classifier"
+            and self._cut_by_deadline(result, config)
+            and _has_complete_trial(trial.study)
+        ):
             # a fit the deadline cut short says little about its configuration: recorded as
             # pruned, it neither misleads the sampler nor reads as a finished trial in the UI
             end_pruned(run_id, by="deadline")
@@ -179,9 +197,36 @@ class TrialRunner:
             )
         # only complete trials carry the objective: sorting the runs table by it ranks them
         log_metrics({"objective": value}, run_id)
-        save_trial_model(result.net, ModelSpec(config.model, data.preprocess), run_id)
+        save_trial_model(result.net, self._spec(config, data), run_id)
         end_run(run_id, "FINISHED", {Tag.TRIAL_STATE: RunTrialState.COMPLETE})
         return value
+
+    def _fit(
+        self, trial: optuna.Trial, config: RunConfig, data: PreparedData, run_id: str
+    ) -> FitResult:
+        """A classifier's Lightning fit, pruned and held to the budget per epoch; or a
+        detector's bank and threshold (one pass, nothing to prune)."""
+        if self.method == "anomaly":
+            result, summary = fit_detector(config, data)
+            log_metrics(summary.metrics(), run_id)
+            return result
+        pruning = PyTorchLightningPruningCallback(trial, monitor=self.tune.metric)
+        callbacks: list[Callback] = [pruning]
+        if self.deadline is not None:
+            callbacks.append(
+                BudgetCheck(
+                    self.deadline,
+                    config.train.early_stopping_after,
+                    lambda: _has_complete_trial(trial.study),
+                )
+            )
+        return fit(config, data, run_id=run_id, callbacks=callbacks, progress=self.progress)
+
+    def _spec(self, config: RunConfig, data: PreparedData) -> ModelSpec:
+        if self.method != "anomaly":
+            return ModelSpec(config.model, data.preprocess)
+        model = replace(config.model, name=detector_backbone(config.model))
+        return ModelSpec(model, data.preprocess, method="anomaly", detector=config.detector)
 
     def _cut_by_deadline(self, result, config: RunConfig) -> bool:
         return (
@@ -191,7 +236,7 @@ class TrialRunner:
         )
 
     def _configure(self, trial: optuna.Trial, run_id: str) -> tuple[RunConfig, PreparedData]:
-        config = apply_params(self.base, suggest_params(trial, self.tune.space))
+        config = apply_params(self.base, suggest_params(trial, self.tune.space, self.method))
         config = no_larger_than_the_files(config, self.data.source_size)
         remaining = None if self.deadline is None else max(self.deadline - time.monotonic(), 1)
         # the epoch kept is chosen on the smooth val/loss, as `qi train` does; the objective

@@ -11,9 +11,11 @@ import mlflow
 import optuna
 from optuna.trial import TrialState
 
+from qi.anomaly.fitting import MIN_VALIDATION_DEFECTS, NoDefectsToJudge, validation_defects
+from qi.anomaly.method import choose_method
 from qi.choices import metric_mode, validate_metric
 from qi.config import RunConfig, TuneConfig, to_dict
-from qi.data.datamodule import check_data_dir
+from qi.data.datamodule import PreparedData, check_data_dir
 from qi.interrupts import checkpoint
 from qi.storage import Heartbeat, StorageError, open_storage, public_label, redacted
 from qi.study.best import TuneOutcome, best_trial, finish_best
@@ -49,6 +51,7 @@ from qi.tracking import (
 log = logging.getLogger(__name__)
 
 METRIC_ATTR = "qi.metric"  # study user attribute: the metric the study was created for
+METHOD_ATTR = "qi.method"  # and the method its trials use ("classifier" before it existed)
 
 
 def tune(
@@ -75,6 +78,13 @@ def tune(
     close_dead_workers(study, config.grace_period)
     data = DataByImageSize(base, progress)
     first = data.get(base.data.image_size)  # fail fast on bad data, before any trial
+    method, why = choose_method(base.detector.method, first.frame, first.layout)
+    log.info("method: %s (%s)", method, why)
+    data.use_method(method)
+    first = data.get(base.data.image_size)
+    if method == "anomaly":
+        check_detector_study(first, config)
+    check_study_method(study, method, config.study_name)
     tags = standard_tags(
         first.digest,
         {
@@ -85,6 +95,8 @@ def tune(
             Tag.WORKER: worker_id(),
             Tag.DATA_LAYOUT: first.layout,
             Tag.DATA_ROOT: str(first.root),
+            Tag.METHOD: method,
+            Tag.METHOD_REASON: why,
         },
     )
     with (
@@ -103,7 +115,7 @@ def tune(
         log_metrics({"trials_before": existing, "stale_trials_failed": stale}, parent_run_id)
         log_prepared_data(first, parent_run_id)
         if existing == 0 and config.start_with_defaults:
-            for params in starting_trials(base, config.space):
+            for params in starting_trials(base, config.space, method):
                 study.enqueue_trial(params, skip_if_exists=True)
         if existing == 0:
             for params in config.enqueue:  # as the user listed them, repeats included
@@ -123,10 +135,41 @@ def tune(
         best = best_trial(study)
         if best is None:
             log.warning("study %s has no completed trial yet", config.study_name)
-            return TuneOutcome(parent_run_id, study, None, None, None)
+            return TuneOutcome(parent_run_id, study, None, None, None, method=method)
         outcome = finish_best(best, data, base, config, parent_run_id)
-        outcome.study = study
+        outcome.study, outcome.method, outcome.method_reason = study, method, why
         return outcome
+
+
+def check_detector_study(data: PreparedData, config: TuneConfig) -> None:
+    """A study ranks detector settings on defective validation images: without enough of
+    them every trial would score the same nothing. One line, before any trial."""
+    defects = validation_defects(data)
+    if defects < MIN_VALIDATION_DEFECTS:
+        raise NoDefectsToJudge(
+            f"qi tune --method anomaly ranks detector settings by {config.metric} on defective "
+            f"validation images; {data.root} has {defects} (needs {MIN_VALIDATION_DEFECTS}): "
+            "add labelled defects, or fit one detector with qi train --method anomaly"
+        )
+
+
+def check_study_method(study: optuna.Study, method: str, name: str) -> None:
+    """A study's trials are all classifiers or all detectors: their objectives are measured
+    on different validation splits (a detector's holds the training defects too)."""
+    recorded = study.user_attrs.get(METHOD_ATTR)
+    if recorded is None:
+        if not study.trials or method == "classifier":
+            study.set_user_attr(METHOD_ATTR, method)
+        else:
+            raise StorageError(
+                f"study '{name}' holds classifier trials; this data chose {method}: pass "
+                "--method classifier, or another --study-name"
+            )
+    elif recorded != method:
+        raise StorageError(
+            f"study '{name}' holds {recorded} trials; this run chose {method}: pass "
+            f"--method {recorded}, or another --study-name"
+        )
 
 
 def load_or_create_study(
