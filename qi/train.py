@@ -12,6 +12,7 @@ from dataclasses import dataclass, replace
 import mlflow
 
 from qi.anomaly.fitting import DetectorSummary, detector_data, fit_detector
+from qi.anomaly.localisation import add_pixel_auroc
 from qi.anomaly.method import choose_method
 from qi.config import RunConfig
 from qi.data.datamodule import PreparedData, check_data_dir, prepare_data
@@ -111,6 +112,8 @@ def train(config: RunConfig, progress: bool = True) -> TrainOutcome:
                 config.evaluation.target_recall,
                 threshold=0.5 if method == "anomaly" else None,
             )
+            if method == "anomaly":
+                add_pixel_auroc(evaluation, result.net, data)
             log_evaluation(
                 evaluation,
                 run_id,

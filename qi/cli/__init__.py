@@ -237,6 +237,11 @@ def describe_evaluation(evaluation) -> str:
         f", log loss {m['log_loss']:.4f} (at 0.5: accuracy {h['acc']:.4f}, F1 {h['f1']:.4f}, "
         f"defect recall {h['defect_recall']:.4f})"
     ]
+    if "pixel_auroc" in m:  # a detector on data with defect masks
+        lines.append(
+            f"pixel ROC AUC of the anomaly maps {m['pixel_auroc']:.4f} "
+            f"({m['pixel_auroc_images']:.0f} test images with masks)"
+        )
     if evaluation.tradeoff is not None:
         lines += ["operating points (threshold chosen on validation):"]
         lines += [f"  {line}" for line in evaluation.tradeoff_markdown().splitlines()]

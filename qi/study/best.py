@@ -16,6 +16,7 @@ import mlflow
 import optuna
 from optuna.trial import TrialState
 
+from qi.anomaly.localisation import add_pixel_auroc
 from qi.config import RunConfig, TuneConfig
 from qi.data.datamodule import PreparedData
 from qi.evaluation.metrics import Evaluation
@@ -108,6 +109,8 @@ def finish_best(
     evaluation = evaluate(
         net, prepared, settings.target_recall, threshold=0.5 if detector else None
     )
+    if detector:
+        add_pixel_auroc(evaluation, net, prepared)
     log_evaluation(
         evaluation,
         parent_run_id,
