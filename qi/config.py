@@ -559,6 +559,11 @@ class PromoteConfig(Checked):
         must_exist="folder",
     )
     model_name: str = MODEL_NAME.field()
+    storage: str | None = option(
+        None,
+        "The storage of the studies registering this model: promotion then takes their lock "
+        "(a PostgreSQL URL locks across machines; default: this machine's lock).",
+    )
 
 
 @dataclass(frozen=True)

@@ -10,6 +10,8 @@ The decision, the reason and both figures are tags on the version.
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -22,9 +24,11 @@ from mlflow.exceptions import MlflowException
 from qi.choices import PROMOTION_METRICS
 from qi.config import DataConfig, from_dict
 from qi.evaluation.metrics import binary_metrics
+from qi.locks import registration_lock
 from qi.serving import IMAGE_COLUMN
+from qi.storage import redacted
 from qi.tags import Tag
-from qi.tracking import read_run_config
+from qi.tracking import TrackingError, read_run_config
 
 log = logging.getLogger(__name__)
 
@@ -43,22 +47,47 @@ class PromotionDecision:
     previous_champion: str | None
 
 
+class RegistryError(TrackingError):
+    """The model registry failed at an operation (a server error, a refused request): one
+    line naming the operation and the registry. Never read as "no champion yet"."""
+
+
+def is_missing(exc: MlflowException) -> bool:
+    """Whether the registry said "does not exist" - the only answer that means "no such
+    model, version or alias". A missing alias is INVALID_PARAMETER_VALUE "... not found"."""
+    code = getattr(exc, "error_code", "")
+    return code == "RESOURCE_DOES_NOT_EXIST" or (
+        code == "INVALID_PARAMETER_VALUE" and "not found" in str(exc)
+    )
+
+
+@contextmanager
+def registry_call(operation: str) -> Iterator[None]:
+    """Any registry error inside becomes a :class:`RegistryError` naming ``operation``."""
+    try:
+        yield
+    except MlflowException as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        registry = redacted(mlflow.get_registry_uri())
+        raise RegistryError(
+            f"model registry {registry}: {operation} failed ({first[:200]}); nothing was "
+            "promoted: fix the server or its permissions and run the command again"
+        ) from exc
+
+
 def register(model_uri: str, name: str, tags: dict[str, str], description: str) -> ModelVersion:
     """A new version of ``name`` from a logged model, with links and a description."""
-    version = mlflow.register_model(model_uri, name, tags=tags)
-    client = mlflow.MlflowClient()
-    client.update_model_version(name, version.version, description=description)
-    try:
-        client.get_registered_model(name)
+    with registry_call(f"registering {model_uri} as {name}"):
+        version = mlflow.register_model(model_uri, name, tags=tags)
+        client = mlflow.MlflowClient()
+        client.update_model_version(name, version.version, description=description)
         if not client.get_registered_model(name).description:
             client.update_registered_model(
                 name,
                 description="Visual quality inspection classifier trained by qi: "
                 "input images, output ok/defective with a defect probability.",
             )
-    except MlflowException:
-        pass
-    return client.get_model_version(name, version.version)
+        return client.get_model_version(name, version.version)
 
 
 def version_of_trial_run(name: str, trial_run_id: str) -> ModelVersion | None:
@@ -66,9 +95,12 @@ def version_of_trial_run(name: str, trial_run_id: str) -> ModelVersion | None:
     if not trial_run_id:
         return None
     try:
-        versions = mlflow.MlflowClient().search_model_versions(f"name = '{name}'")
-    except MlflowException:
-        return None
+        with registry_call(f"listing the versions of {name}"):
+            versions = mlflow.MlflowClient().search_model_versions(f"name = '{name}'")
+    except RegistryError as exc:
+        if is_missing(exc.__cause__):
+            return None
+        raise
     for version in versions:
         if version.tags.get(Tag.BEST_RUN_ID) == trial_run_id:
             return version
@@ -90,10 +122,14 @@ def version_of_uri(model_uri: str) -> ModelVersion | None:
 
 
 def champion(name: str) -> ModelVersion | None:
+    """The champion version; None only when the registry says there is none."""
     try:
-        return mlflow.MlflowClient().get_model_version_by_alias(name, CHAMPION)
-    except MlflowException:
-        return None
+        with registry_call(f"reading the champion of {name}"):
+            return mlflow.MlflowClient().get_model_version_by_alias(name, CHAMPION)
+    except RegistryError as exc:
+        if is_missing(exc.__cause__):
+            return None
+        raise
 
 
 def score_model(model_uri: str, frame: pd.DataFrame, metric: str) -> float:
@@ -145,7 +181,8 @@ def promote(
         if current is not None:
             incumbent_score = score_model(f"models:/{name}/{current.version}", test_frame, metric)
         alias, reason = decide(candidate_score, incumbent_score, force)
-    client.set_registered_model_alias(name, alias, str(version))
+    with registry_call(f"setting {name}@{alias} to version {version}"):
+        client.set_registered_model_alias(name, alias, str(version))
     decision = PromotionDecision(
         version=str(version),
         alias=alias,
@@ -164,8 +201,9 @@ def promote(
         Tag.PREVIOUS_CHAMPION: decision.previous_champion or "",
         Tag.TEST_IMAGES: str(len(test_frame)),
     }
-    for key, value in tags.items():
-        client.set_model_version_tag(name, str(version), key, value)
+    with registry_call(f"tagging {name} version {version}"):
+        for key, value in tags.items():
+            client.set_model_version_tag(name, str(version), key, value)
     log.info("%s version %s -> %s: %s", name, version, alias, reason)
     return decision
 
@@ -204,8 +242,24 @@ def promote_by_hand(
     data_dir: Path | None = None,
     metric: str = "f1",
     force: bool = False,
+    storage: str | None = None,
 ) -> PromotionDecision:
-    """``qi promote``: an existing version, or the model of a run (registered first)."""
+    """``qi promote``: an existing version, or the model of a run (registered first).
+
+    It takes the lock a study's workers take to register (:func:`qi.locks.registration_lock`
+    on ``storage``), so a promotion by hand never interleaves with a study's."""
+    with registration_lock(name, storage):
+        return _promote_by_hand(name, version, run_id, data_dir, metric, force)
+
+
+def _promote_by_hand(
+    name: str,
+    version: str | None,
+    run_id: str | None,
+    data_dir: Path | None,
+    metric: str,
+    force: bool,
+) -> PromotionDecision:
     from qi.data.datamodule import prepare_data
 
     client = mlflow.MlflowClient()
@@ -220,8 +274,11 @@ def promote_by_hand(
         )
         version = str(registered.version)
     try:
-        model_version = client.get_model_version(name, str(version))
-    except MlflowException as exc:
-        raise ValueError(f"{name} has no version {version}") from exc
+        with registry_call(f"reading {name} version {version}"):
+            model_version = client.get_model_version(name, str(version))
+    except RegistryError as exc:
+        if is_missing(exc.__cause__):
+            raise ValueError(f"{name} has no version {version}") from exc
+        raise
     data = prepare_data(data_config_of_run(model_version.run_id, data_dir), progress=False)
     return promote(name, str(version), data.split_frame("test"), metric, force)

@@ -1,13 +1,29 @@
 """Guarded promotion against a real sqlite model registry."""
 
+import json
+import threading
 from dataclasses import replace
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import mlflow
+import pandas as pd
 import pytest
 import torch
+from click.testing import CliRunner
 
+from qi.cli import cli
 from qi.inference import ModelSpec
-from qi.registry import CHALLENGER, CHAMPION, champion, decide, promote, promote_by_hand, register
+from qi.registry import (
+    CHALLENGER,
+    CHAMPION,
+    RegistryError,
+    champion,
+    decide,
+    promote,
+    promote_by_hand,
+    register,
+    version_of_trial_run,
+)
 from qi.serving import log_inspection_model
 from qi.train import train
 
@@ -76,3 +92,58 @@ def test_promote_by_hand_from_a_run(good_and_bad_models):
     assert again.reason == "already the champion"
     with pytest.raises(ValueError, match="exactly one"):
         promote_by_hand("by-hand")
+
+
+class FailingRegistry(BaseHTTPRequestHandler):
+    """An MLflow REST endpoint that answers every request with the server's status."""
+
+    def _answer(self) -> None:
+        self.server.requests.append((self.command, self.path))
+        status, code = self.server.answer
+        body = json.dumps({"error_code": code, "message": f"refused with {status}"}).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    do_GET = do_POST = do_PATCH = do_DELETE = _answer
+
+    def log_message(self, *args) -> None:
+        pass
+
+
+@pytest.fixture(params=[(500, "INTERNAL_ERROR"), (403, "PERMISSION_DENIED")], ids=str)
+def failing_registry(request, monkeypatch):
+    server = ThreadingHTTPServer(("127.0.0.1", 0), FailingRegistry)
+    server.answer, server.requests = request.param, []
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    url = f"http://127.0.0.1:{server.server_address[1]}"
+    monkeypatch.setenv("MLFLOW_REGISTRY_URI", url)
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")  # a 500 is retried otherwise
+    yield server, url
+    server.shutdown()
+
+
+def test_a_failing_registry_stops_with_one_line_and_promotes_nothing(failing_registry, tmp_path):
+    """A 500 or a 403 is not "no champion yet": the promotion stops, naming the operation
+    and the registry, and no alias is set."""
+    server, url = failing_registry
+    frame = pd.DataFrame({"image_path": [], "label": []})
+    with pytest.raises(RegistryError) as raised:
+        promote("line-a", "3", frame, candidate_score=0.9)
+    message = str(raised.value)
+    assert "reading the champion of line-a" in message and url in message
+    assert len(message.splitlines()) == 1
+    assert {command for command, _ in server.requests} == {"GET"}  # nothing was written
+    with pytest.raises(RegistryError, match="listing the versions"):
+        version_of_trial_run("line-a", "some-run")
+    # the command says the same in one line, with no traceback
+    result = CliRunner().invoke(
+        cli,
+        ["promote", "--version", "3", "--model-name", "line-a",
+         "--tracking-uri", f"sqlite:///{tmp_path / 'mlflow.db'}"],
+    )  # fmt: skip
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    assert f"model registry {url}: reading line-a version 3 failed" in result.output

@@ -301,6 +301,7 @@ def promote(promote: PromoteConfig, run: RunConfig) -> None:
             data_dir=promote.data_dir,
             metric=run.evaluation.promotion_metric,
             force=run.evaluation.force_promote,
+            storage=promote.storage,
         )
     except (ValueError, mlflow_error()) as exc:
         raise click.ClickException(str(exc).splitlines()[0]) from exc
