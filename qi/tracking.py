@@ -47,6 +47,24 @@ def default_tracking_uri() -> str:
     return f"sqlite:///{Path.cwd() / 'mlflow.db'}"
 
 
+# the startup probe's HTTP settings: a server that is down fails in seconds, not after
+# minutes of retries; later calls keep MLflow's own retries (a hiccup in hour three of a
+# study must not fail a trial or the registration)
+FAIL_FAST_HTTP = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1", "MLFLOW_HTTP_REQUEST_TIMEOUT": "10"}
+
+
+@contextmanager
+def fail_fast_http() -> Iterator[None]:
+    """:data:`FAIL_FAST_HTTP` inside the block, unless the user set them; as before after."""
+    unset = [name for name in FAIL_FAST_HTTP if name not in os.environ]
+    os.environ.update({name: FAIL_FAST_HTTP[name] for name in unset})
+    try:
+        yield
+    finally:
+        for name in unset:
+            os.environ.pop(name, None)
+
+
 def configure_tracking(config: TrackingConfig) -> str:
     """Set the tracking URI (explicit > MLFLOW_TRACKING_URI > local sqlite) and check it answers.
 
@@ -54,12 +72,9 @@ def configure_tracking(config: TrackingConfig) -> str:
     """
     uri = config.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or default_tracking_uri()
     mlflow.set_tracking_uri(uri)
-    if uri.startswith("http"):
-        # fail in seconds, not after minutes of retries, when the server is down
-        os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
-        os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
     try:
-        mlflow.search_experiments(max_results=1)
+        with fail_fast_http():
+            mlflow.search_experiments(max_results=1)
     except Exception as exc:  # any failure here means no training should start
         first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         if "error code 401" in first_line or "error code 403" in first_line:

@@ -327,3 +327,28 @@ def test_mvtec_masks_give_a_pixel_auroc(castings, tmp_path):
     assert metrics["pixel_auroc"] > 0.85, metrics["pixel_auroc"]
     mlflow.set_tracking_uri(uri)
     assert mlflow.get_run(outcome.run_id).data.metrics["test/pixel_auroc"] == metrics["pixel_auroc"]
+
+
+def test_a_trial_whose_weights_upload_fails_ends_failed(castings, tmp_path):
+    """The artifact store fails after the fit (its root lies under a file): the trial's run
+    still ends, FAILED with the error, and Optuna records the trial as failed."""
+    from qi.study.trials import DataByImageSize, TrialRunner
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    mlflow.set_tracking_uri(uri)
+    experiment = mlflow.create_experiment("broken-artifacts", artifact_location="/dev/null/qi")
+    parent = mlflow.MlflowClient().create_run(experiment).info.run_id
+    base = _config(castings, neighbourhood=1)
+    data = DataByImageSize(base, progress=False)
+    data.use_method("anomaly")
+    tune = TuneConfig(n_trials=1, timeout=None)
+    study = optuna.create_study(direction="maximize")
+    study.optimize(
+        TrialRunner(base, tune, parent, data, None, False), n_trials=1, catch=(Exception,)
+    )
+    (trial,) = study.trials
+    assert trial.state == optuna.trial.TrialState.FAIL
+    run = mlflow.get_run(trial.user_attrs["mlflow_run_id"])
+    assert run.info.status == "FAILED" and run.data.tags["qi.trial_state"] == "failed"
+    assert "bank_patches" in run.data.metrics  # it failed after the fit, at the upload
+    assert "/dev/null" in run.data.tags["qi.error"]

@@ -91,6 +91,10 @@ class BudgetPruned(optuna.TrialPruned):
     """A trial stopped because, at its own pace, it could not finish in the study's time."""
 
 
+class DeadlinePruned(optuna.TrialPruned):
+    """A trial whose fit the study's deadline cut short (after its first complete one)."""
+
+
 class BudgetCheck(Callback):
     """Stops a trial after an epoch when, at the pace of its epochs so far, it cannot reach
     the epoch where early stopping may end it before the study's deadline.
@@ -156,9 +160,13 @@ class TrialRunner:
         trial.set_user_attr(TrialAttr.PARENT_RUN_ID, self.parent_run_id)
         trial.set_user_attr(TrialAttr.WORKER, worker_id())
         trial.set_user_attr(TrialAttr.METHOD, self.method)
+        # the whole body, post-fit steps included (an artifact store failing during the
+        # weights upload): whatever happens, the run ends with the trial's state
         try:
-            config, data = self._configure(trial, run_id)
-            result = self._fit(trial, config, data, run_id)
+            return self._run(trial, run_id)
+        except DeadlinePruned:
+            end_pruned(run_id, by="deadline")
+            raise
         except BudgetPruned:
             end_pruned(run_id, by="budget")
             raise
@@ -174,6 +182,10 @@ class TrialRunner:
                 {Tag.TRIAL_STATE: state, Tag.ERROR: f"{type(exc).__name__}: {exc}"[:5000]},
             )
             raise
+
+    def _run(self, trial: optuna.Trial, run_id: str) -> float:
+        config, data = self._configure(trial, run_id)
+        result = self._fit(trial, config, data, run_id)
         value = result.val_metrics.get(self.tune.metric, float("nan"))
         trial.set_user_attr(TrialAttr.VAL_LOSS, result.val_metrics.get("val/loss", float("nan")))
         log_metrics(
@@ -191,8 +203,7 @@ class TrialRunner:
         ):
             # a fit the deadline cut short says little about its configuration: recorded as
             # pruned, it neither misleads the sampler nor reads as a finished trial in the UI
-            end_pruned(run_id, by="deadline")
-            raise optuna.TrialPruned(
+            raise DeadlinePruned(
                 f"the study's deadline stopped it after {result.epochs_run} epochs"
             )
         # only complete trials carry the objective: sorting the runs table by it ranks them
