@@ -1,8 +1,10 @@
 """Decode a file list once; later runs and every trial of a study reuse the array.
 
-The cache key covers each file's path, size and modification time plus the preprocessing
-settings, so an edited or replaced image, or another image size, is decoded afresh. Entries are
-plain ``.npy`` files in ``<cache_dir>/images`` written atomically (safe for parallel workers).
+The cache key covers each file's path, size and modification time, the preprocessing
+settings, the cache's format and the preprocessing code's version (:func:`code_version`), so
+an edited or replaced image, another image size or a changed preprocessing is decoded afresh.
+Entries are plain ``.npy`` files in ``<cache_dir>/images`` written atomically (safe for
+parallel workers).
 """
 
 from __future__ import annotations
@@ -15,10 +17,12 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import cv2
 import numpy as np
 from tqdm.auto import tqdm
 
 from qi.config import BadImagePolicy, cache_dir
+from qi.data import preprocessing
 from qi.data.preprocessing import ImageDecodeError, PreprocessConfig, load_and_preprocess
 
 log = logging.getLogger(__name__)
@@ -31,8 +35,21 @@ class DecodedImages:
     skipped: dict[str, str]  # path -> reason, for files that could not be used
 
 
+# bump when the entries' layout changes (what the .npy and .json hold)
+CACHE_FORMAT = 2
+
+
+def code_version() -> str:
+    """What decoding depends on besides the settings: the preprocessing code itself (a
+    digest of its source, so a change there never reads arrays the old code made, with no
+    version number to forget) and OpenCV's and NumPy's versions."""
+    source = Path(preprocessing.__file__).read_bytes()
+    return f"{hashlib.sha256(source).hexdigest()[:16]}/cv2 {cv2.__version__}/np {np.__version__}"
+
+
 def cache_key(paths: list[str], config: PreprocessConfig) -> str:
-    digest = hashlib.sha256(json.dumps(asdict(config), sort_keys=True).encode())
+    settings = {"format": CACHE_FORMAT, "code": code_version(), **asdict(config)}
+    digest = hashlib.sha256(json.dumps(settings, sort_keys=True).encode())
     for path in paths:
         stat = os.stat(path)
         digest.update(f"{path}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())

@@ -1,3 +1,5 @@
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -108,3 +110,23 @@ def test_default_data_is_the_synthetic_set(monkeypatch):
     monkeypatch.setattr(synth, "default_dataset", small_default)
     data = prepare_data(DataConfig(image_size=24), progress=False)
     assert calls and data.layout == "split_folders" and len(data.frame) == 30
+
+
+def test_changed_preprocessing_code_never_reads_stale_arrays(tiny_casting, monkeypatch, tmp_path):
+    """The cache key carries the preprocessing code's digest: arrays decoded by other code
+    (here: a poisoned entry, and the module's source swapped for an edited copy) are not
+    read, the images are decoded afresh."""
+    from qi.data import preprocessing
+
+    monkeypatch.setenv("QI_CACHE_DIR", str(tmp_path / "cache"))
+    config = DataConfig(data_dir=tiny_casting, image_size=20)
+    fresh = prepare_data(config, progress=False)
+    (entry,) = cache.cached_entries()
+    np.save(entry, np.zeros_like(np.load(entry)))  # what stale code would have left
+    assert not prepare_data(config, progress=False).images.any()  # same code: the entry
+    edited = tmp_path / "preprocessing.py"
+    edited.write_text(Path(preprocessing.__file__).read_text() + "\n# an edit\n")
+    monkeypatch.setattr(preprocessing, "__file__", str(edited))
+    again = prepare_data(config, progress=False)
+    assert np.array_equal(again.images, fresh.images)
+    assert len(cache.cached_entries()) == 2
