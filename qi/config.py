@@ -141,6 +141,11 @@ class DataConfig(Checked):
         "skip", "skip: leave unreadable files out and list them; strict: stop."
     )
     seed: int = SEED.field()
+    strict_data: bool = option(
+        False,
+        "Stop when files a model's run recorded changed or went missing (default: say how "
+        "many in one line and score the ones that still match).",
+    )
 
     @property
     def channels(self) -> int:

@@ -165,14 +165,15 @@ def export_model(
     data_dir: Path | None = None,
     tolerance: float = 1e-4,
     publish: bool = True,
+    strict_data: bool = False,
 ) -> Export:
     """Export ``model_uri`` into ``folder``, prove parity on its test images, publish.
 
     Raises :class:`ParityError` (after writing the files and ``parity.json`` locally, for a
     look) when the scores or decisions differ.
     """
-    from qi.data.datamodule import prepare_data
-    from qi.registry import data_config_of_run, version_of_uri
+    from qi.data.recorded import run_test_files
+    from qi.registry import version_of_uri
 
     pyfunc = mlflow.pyfunc.load_model(model_uri)
     model = pyfunc.unwrap_python_model()
@@ -181,8 +182,8 @@ def export_model(
     opset = write_onnx(model.net, model.spec, folder / MODEL_FILE, model_uri)
     shutil.copyfile(Path(__file__).with_name("onnx_reference.py"), folder / SCRIPT_FILE)
     good_only = model.spec.method == "anomaly"
-    data = prepare_data(data_config_of_run(run_id, data_dir), progress=False, good_only=good_only)
-    paths = data.split_frame("test")["image_path"].tolist()
+    test = run_test_files(run_id, data_dir, strict_data, good_only=good_only)
+    paths = test["image_path"].tolist()
     parity = check_parity(folder, pyfunc, paths, tolerance)
     (folder / PARITY_FILE).write_text(json.dumps({**asdict(parity), "opset": opset}, indent=2))
     if not parity.holds:

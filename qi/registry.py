@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 
 import mlflow
@@ -22,13 +22,13 @@ from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
 
 from qi.choices import PROMOTION_METRICS
-from qi.config import DataConfig, from_dict
+from qi.data.recorded import run_test_files
 from qi.evaluation.metrics import binary_metrics
 from qi.locks import registration_lock
 from qi.serving import IMAGE_COLUMN
 from qi.storage import redacted
 from qi.tags import Tag
-from qi.tracking import TrackingError, read_run_config
+from qi.tracking import TrackingError
 
 log = logging.getLogger(__name__)
 
@@ -220,21 +220,6 @@ def model_uri_of_run(run_id: str) -> str:
     return max(models, key=lambda m: m.creation_timestamp).model_uri
 
 
-def data_config_of_run(run_id: str, data_dir: Path | None = None) -> DataConfig:
-    """The data settings a run was evaluated with (its logged ``config.json``), to compare
-    models on the same test images; ``data_dir`` replaces the folder it recorded."""
-    raw = read_run_config(run_id)
-    raw = raw.get("base", raw)  # a study's parent run logs {"base": ..., "tune": ...}
-    data = from_dict(DataConfig, raw.get("data", {}))
-    root = data_dir or data.data_dir
-    if root is None:
-        tags = mlflow.MlflowClient().get_run(run_id).data.tags
-        root = Path(tags[Tag.DATA_ROOT]) if tags.get(Tag.DATA_ROOT) else None
-    if root is None:
-        raise ValueError(f"run {run_id} records no data folder: pass --data-dir")
-    return replace(data, data_dir=Path(root))
-
-
 def promote_by_hand(
     name: str,
     version: str | None = None,
@@ -243,13 +228,14 @@ def promote_by_hand(
     metric: str = "f1",
     force: bool = False,
     storage: str | None = None,
+    strict: bool = False,
 ) -> PromotionDecision:
     """``qi promote``: an existing version, or the model of a run (registered first).
 
     It takes the lock a study's workers take to register (:func:`qi.locks.registration_lock`
     on ``storage``), so a promotion by hand never interleaves with a study's."""
     with registration_lock(name, storage):
-        return _promote_by_hand(name, version, run_id, data_dir, metric, force)
+        return _promote_by_hand(name, version, run_id, data_dir, metric, force, strict)
 
 
 def _promote_by_hand(
@@ -259,9 +245,8 @@ def _promote_by_hand(
     data_dir: Path | None,
     metric: str,
     force: bool,
+    strict: bool,
 ) -> PromotionDecision:
-    from qi.data.datamodule import prepare_data
-
     client = mlflow.MlflowClient()
     if (version is None) == (run_id is None):
         raise ValueError("give exactly one of --version or --run-id")
@@ -280,5 +265,5 @@ def _promote_by_hand(
         if is_missing(exc.__cause__):
             raise ValueError(f"{name} has no version {version}") from exc
         raise
-    data = prepare_data(data_config_of_run(model_version.run_id, data_dir), progress=False)
-    return promote(name, str(version), data.split_frame("test"), metric, force)
+    test = run_test_files(model_version.run_id, data_dir, strict)
+    return promote(name, str(version), test, metric, force)

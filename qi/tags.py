@@ -80,6 +80,7 @@ class Artifact:
 
     CONFIG = "config.json"  # the run's full configuration, written first
     SPLIT_COUNTS = "data/split_counts.csv"
+    SPLIT = "data/split.csv"  # every file: relative path, label, defect type, split, sha256
     SKIPPED_IMAGES = "data/skipped_images.json"
     EVALUATION_DIR = "evaluation"
     STUDY_DIR = "study"

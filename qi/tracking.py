@@ -299,6 +299,7 @@ def log_prepared_data(data: Any, run_id: str) -> None:
     log_dataset(data.frame, data.root, data.digest, name=data.root.name, run_id=run_id)
     counts = data.counts().reset_index()
     log_table_artifact(counts, Artifact.SPLIT_COUNTS, run_id)
+    log_table_artifact(data.split_table(), Artifact.SPLIT, run_id)
     if data.skipped:
         skipped = [{"path": p, "reason": r} for p, r in data.skipped.items()]
         log_json_artifact(skipped, Artifact.SKIPPED_IMAGES, run_id)

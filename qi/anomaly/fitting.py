@@ -23,11 +23,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from sklearn.model_selection import train_test_split
 
 from qi.config import RunConfig
 from qi.data.datamodule import PreparedData
 from qi.data.discovery import DataLayoutError
+from qi.data.splits import every_class_in, file_draws
 from qi.evaluation.metrics import binary_metrics
 from qi.evaluation.operating_point import choose_threshold
 from qi.fit import FitResult
@@ -53,12 +53,11 @@ def detector_data(data: PreparedData, seed: int) -> PreparedData:
         train_root = Path(data.root) / "train"
         in_train = frame["image_path"].map(lambda p: Path(p).is_relative_to(train_root))
         frame.loc[in_train, "split"] = "train"
-        held = frame.index[~in_train]
-        strata = frame.loc[held, "defect_type"]
-        stratify = strata if strata.value_counts().min() >= 2 else None
-        val, test = train_test_split(held, test_size=0.5, random_state=seed, stratify=stratify)
-        frame.loc[val, "split"] = "val"
-        frame.loc[test, "split"] = "test"
+        # each held-out file's own draw halves the test folder: stable as the folder grows
+        draws = file_draws(frame["image_path"], data.root, seed, salt="detector")
+        frame.loc[~in_train, "split"] = np.where(draws[~in_train.to_numpy()] < 0.5, "val", "test")
+        for name, other in (("val", "test"), ("test", "val")):
+            every_class_in(frame, draws, name, source=other)
     else:
         frame.loc[(frame["split"] == "train") & (frame["label"] == 1), "split"] = "val"
     return replace(data, frame=frame)

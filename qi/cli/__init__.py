@@ -53,14 +53,14 @@ progress_option = click.option("--progress/--no-progress", default=True, help="P
 TRAIN_OPTIONS = dict(
     run=RunConfig,
     exclude=("run.synth.*", "run.evaluation.promotion_metric", "run.evaluation.register",
-             "run.evaluation.force_promote"),
+             "run.evaluation.force_promote", "run.data.strict_data"),
 )  # fmt: skip
 TUNE_OPTIONS = dict(
     tune=TuneConfig,
     run=RunConfig,
     include=("run.data.*", "tune.*", "run.model.pretrained", "run.train.precision",
              "run.train.seed", "run.tracking.*", "run.evaluation.*", "run.detector.*"),
-    exclude=("tune.space.*", "run.data.image_size"),
+    exclude=("tune.space.*", "run.data.image_size", "run.data.strict_data"),
 )  # fmt: skip
 
 
@@ -255,7 +255,7 @@ def describe_evaluation(evaluation) -> str:
     evaluate=EvaluateConfig,
     run=RunConfig,
     include=("evaluate.*", "run.data.data_dir", "run.data.ok_class", "run.data.seed",
-             "run.tracking.experiment", "run.tracking.tracking_uri"),
+             "run.data.strict_data", "run.tracking.experiment", "run.tracking.tracking_uri"),
 )  # fmt: skip
 @progress_option
 @user_errors
@@ -282,7 +282,7 @@ def evaluate(evaluate: EvaluateConfig, run: RunConfig, progress: bool) -> None:
     promote=PromoteConfig,
     run=RunConfig,
     include=("promote.*", "run.evaluation.promotion_metric", "run.evaluation.force_promote",
-             "run.tracking.tracking_uri"),
+             "run.data.strict_data", "run.tracking.tracking_uri"),
     aliases={"run.evaluation.promotion_metric": ("--metric",),
              "run.evaluation.force_promote": ("--force",)},
 )  # fmt: skip
@@ -302,6 +302,7 @@ def promote(promote: PromoteConfig, run: RunConfig) -> None:
             metric=run.evaluation.promotion_metric,
             force=run.evaluation.force_promote,
             storage=promote.storage,
+            strict=run.data.strict_data,
         )
     except (ValueError, mlflow_error()) as exc:
         raise click.ClickException(str(exc).splitlines()[0]) from exc
@@ -411,7 +412,9 @@ def explain(inputs: tuple[Path, ...], explain: ExplainConfig, run: RunConfig) ->
 
 @cli.command()
 @config_options(
-    export=ExportConfig, run=RunConfig, include=("export.*", "run.tracking.tracking_uri")
+    export=ExportConfig,
+    run=RunConfig,
+    include=("export.*", "run.data.strict_data", "run.tracking.tracking_uri"),
 )
 @user_errors
 def export(export: ExportConfig, run: RunConfig) -> None:
@@ -422,7 +425,12 @@ def export(export: ExportConfig, run: RunConfig) -> None:
     configure_tracking(run.tracking)
     try:
         done = export_model(
-            export.model_uri, export.output, export.data_dir, export.tolerance, export.publish
+            export.model_uri,
+            export.output,
+            export.data_dir,
+            export.tolerance,
+            export.publish,
+            strict_data=run.data.strict_data,
         )
     except ParityError as exc:
         raise click.ClickException(str(exc)) from exc

@@ -32,6 +32,14 @@ log = logging.getLogger(__name__)
 SPLITS = ("train", "val", "test")
 
 
+def file_digest(path: str | Path) -> str:
+    """sha256 of a file's bytes (a missing file: empty string)."""
+    try:
+        return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+    except OSError:
+        return ""
+
+
 @dataclass
 class PreparedData:
     """Split table plus decoded images, aligned row by row."""
@@ -52,6 +60,17 @@ class PreparedData:
         table["image_path"] = [str(Path(p).relative_to(self.root)) for p in table["image_path"]]
         content = table.to_csv(index=False).encode()
         return hashlib.sha256(content).hexdigest()[:16]
+
+    def split_table(self) -> pd.DataFrame:
+        """What a run records of its data (:data:`qi.tags.Artifact.SPLIT`): each file's path
+        relative to the folder, label, defect type, split and content digest, so a later
+        command scores exactly these files, and knows when one changed."""
+        table = self.frame[["image_path", "label", "defect_type", "split"]].copy()
+        table["sha256"] = [file_digest(p) for p in table["image_path"]]
+        table["image_path"] = [
+            Path(p).relative_to(self.root).as_posix() for p in table["image_path"]
+        ]
+        return table
 
     def split(self, name: str) -> tuple[np.ndarray, np.ndarray]:
         mask = (self.frame["split"] == name).to_numpy()
@@ -97,7 +116,7 @@ def prepare_data(
     checkpoint("data")
     data_dir = resolve_data_dir(config, synth_config, progress)
     found = discover(data_dir, config.ok_class)
-    frame = subsample(found.frame, config.max_images, config.seed)
+    frame = subsample(found.frame, config.max_images, config.seed, found.root)
     check_classes(frame, str(found.root), good_only)
     preprocess = PreprocessConfig.from_data_config(config)
     paths = frame["image_path"].tolist()
@@ -111,7 +130,7 @@ def prepare_data(
         )
         frame = frame[~frame["image_path"].isin(decoded.skipped)]
         check_classes(frame, str(found.root), good_only)
-    frame = assign_splits(frame, config.val_fraction, config.test_fraction, config.seed)
+    frame = assign_splits(frame, config.val_fraction, config.test_fraction, config.seed, found.root)
     position = {p: i for i, p in enumerate(decoded.paths)}
     images = decoded.images[[position[p] for p in frame["image_path"]]]
     for name in ("train", "val"):

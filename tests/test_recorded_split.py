@@ -1,0 +1,72 @@
+"""A run records its files and splits; evaluate, promote and export score exactly those."""
+
+import logging
+import shutil
+from dataclasses import replace
+from pathlib import Path
+
+import mlflow
+import pytest
+from click.testing import CliRunner
+
+from qi.cli import cli
+from qi.config import DataConfig, TrackingConfig
+from qi.data.recorded import DataChangedError, recorded_split
+from qi.evaluation.run import evaluate_logged_model
+from qi.tags import Artifact
+from qi.train import train
+
+
+@pytest.fixture
+def trained_with_other_fractions(tiny_casting, tiny_config, tmp_path):
+    """A model of a class-folder copy of the castings, with 30% val and 30% test."""
+    root = tmp_path / "line"
+    for folder in (tiny_casting / "train").iterdir():
+        shutil.copytree(folder, root / folder.name)
+    data = replace(tiny_config.data, data_dir=root, val_fraction=0.3, test_fraction=0.3)
+    return train(replace(tiny_config, data=data), progress=False)
+
+
+def test_evaluate_scores_exactly_the_recorded_test_split(trained_with_other_fractions, caplog):
+    outcome = trained_with_other_fractions
+    table = recorded_split(outcome.run_id)
+    assert list(table.columns) == ["image_path", "label", "defect_type", "split", "sha256"]
+    assert len(table) == len(outcome.data.frame)
+    expected = sorted(outcome.data.split_frame("test")["image_path"])
+    tracking = TrackingConfig(experiment="qi-test")
+    # no folder given, or the run's own: its recorded split, not today's defaults (15%/15%)
+    for data_dir in (None, outcome.data.root):
+        _, evaluation = evaluate_logged_model(
+            outcome.model_uri, DataConfig(data_dir=data_dir), tracking, progress=False
+        )
+        assert sorted(evaluation.frame["image_path"]) == expected
+
+    # a test image replaced by another one's bytes: left out, said in one line
+    changed, donor = expected[0], expected[1]
+    shutil.copyfile(donor, changed)
+    with caplog.at_level(logging.WARNING):
+        _, evaluation = evaluate_logged_model(outcome.model_uri, DataConfig(), tracking, False)
+    assert sorted(evaluation.frame["image_path"]) == expected[1:]
+    assert f"1 of the {len(table)} files run {outcome.run_id} recorded changed" in caplog.text
+    with pytest.raises(DataChangedError, match="--strict-data"):
+        evaluate_logged_model(outcome.model_uri, DataConfig(strict_data=True), tracking, False)
+    result = CliRunner().invoke(
+        cli, ["evaluate", "--model", outcome.model_uri, "--strict-data", "--no-progress"]
+    )
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    assert "changed and 0 are missing" in result.output.splitlines()[-1]
+
+
+def test_a_run_without_a_recorded_split_still_evaluates(trained_with_other_fractions, caplog):
+    """Models logged before qi recorded splits: re-derived from the run's own settings."""
+    outcome = trained_with_other_fractions
+    client = mlflow.MlflowClient()
+    artifacts = client.get_run(outcome.run_id).info.artifact_uri.removeprefix("file://")
+    (Path(artifacts) / Artifact.SPLIT).unlink()
+    with caplog.at_level(logging.WARNING):
+        _, evaluation = evaluate_logged_model(
+            outcome.model_uri, DataConfig(), TrackingConfig(experiment="qi-test"), False
+        )
+    assert "recorded no split" in caplog.text
+    expected = sorted(outcome.data.split_frame("test")["image_path"])
+    assert sorted(evaluation.frame["image_path"]) == expected  # its fractions, its seed
