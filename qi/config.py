@@ -263,6 +263,13 @@ class EvaluationConfig(Checked):
     force_promote: bool = option(
         False, "Make the new version champion whatever the comparison says.", negatable=False
     )
+    promotion_margin: float = option(
+        0.0,
+        "A new version becomes champion when the lower end of the 90% paired-bootstrap "
+        "interval of its lead (its promotion metric minus the champion's, on test images "
+        "neither saw) exceeds this.",
+        check=not_negative,
+    )
 
 
 @dataclass(frozen=True)

@@ -1,8 +1,10 @@
 """Registering models and moving the ``champion`` / ``challenger`` aliases (never stages).
 
-A new version becomes ``champion`` only when it beats the current champion on the same test
-images by the chosen metric, when there is no champion yet, or when forced; otherwise it
-becomes ``challenger``. Both models are scored the same way - their pyfunc, fed the raw test
+A new version becomes ``champion`` only when it beats the current champion by the chosen
+metric on test images *neither* model trained or validated on (from both runs' recorded
+splits), by more than a paired bootstrap says the images can be wrong about
+(:func:`decide`); when there is no champion yet; or when forced. Otherwise it becomes
+``challenger``. Both models are scored the same way - their pyfunc, fed the raw test
 files, each at its own threshold - so the comparison is what the production line would see.
 The decision, the reason and both figures are tags on the version.
 """
@@ -22,7 +24,8 @@ from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
 
 from qi.choices import PROMOTION_METRICS
-from qi.data.recorded import run_test_files
+from qi.data.recorded import run_test_files, unseen_by
+from qi.evaluation.comparison import Comparison, paired_bootstrap
 from qi.evaluation.metrics import binary_metrics
 from qi.locks import registration_lock
 from qi.serving import IMAGE_COLUMN
@@ -34,6 +37,8 @@ log = logging.getLogger(__name__)
 
 CHAMPION = "champion"
 CHALLENGER = "challenger"
+# fewer test images than this, that neither model saw, decide nothing: the champion stays
+MIN_COMPARED_IMAGES = 20
 
 
 @dataclass(frozen=True)
@@ -132,28 +137,49 @@ def champion(name: str) -> ModelVersion | None:
         raise
 
 
+def model_scores(model_uri: str, frame: pd.DataFrame) -> tuple[np.ndarray, float]:
+    """(defect probabilities, threshold) of a registered pyfunc on raw image files."""
+    model = mlflow.pyfunc.load_model(model_uri)
+    payload = pd.DataFrame({IMAGE_COLUMN: [Path(p).read_bytes() for p in frame["image_path"]]})
+    predictions = model.predict(payload)
+    threshold = float(predictions["threshold"].iloc[0]) if len(predictions) else 0.5
+    return np.asarray(predictions["defect_probability"].to_numpy(), float), threshold
+
+
 def score_model(model_uri: str, frame: pd.DataFrame, metric: str) -> float:
     """``metric`` of a registered pyfunc on raw image files, at the model's own threshold."""
     if metric not in PROMOTION_METRICS:
         raise ValueError(f"unknown promotion metric '{metric}': choose one of {PROMOTION_METRICS}")
-    model = mlflow.pyfunc.load_model(model_uri)
-    payload = pd.DataFrame({IMAGE_COLUMN: [Path(p).read_bytes() for p in frame["image_path"]]})
-    predictions = model.predict(payload)
-    threshold = float(predictions["threshold"].iloc[0])
-    scores = predictions["defect_probability"].to_numpy()
+    scores, threshold = model_scores(model_uri, frame)
     labels = frame["label"].to_numpy().astype(int)
-    return float(binary_metrics(labels, np.asarray(scores), threshold)[metric])
+    return float(binary_metrics(labels, scores, threshold)[metric])
 
 
-def decide(candidate: float, incumbent: float | None, force: bool) -> tuple[str, str]:
-    """(alias, reason) for a candidate score against the champion's. Pure, for tests."""
+def _interval(low_high: tuple[float, float]) -> str:
+    return f"[{low_high[0]:.4f}, {low_high[1]:.4f}]"
+
+
+def decide(comparison: Comparison | None, margin: float, force: bool) -> tuple[str, str]:
+    """(alias, reason) from the paired comparison with the champion (None: there is none).
+    Pure, for tests.
+
+    The candidate becomes champion only when the lower end of the 90% paired-bootstrap
+    interval of (candidate - champion) lies above ``margin``: better by more than the test
+    images can be wrong about, with 95% confidence.
+    """
     if force:
         return CHAMPION, "promotion forced by the user"
-    if incumbent is None:
+    if comparison is None:
         return CHAMPION, "no champion yet"
-    if candidate > incumbent:
-        return CHAMPION, f"beats the champion ({candidate:.4f} > {incumbent:.4f})"
-    return CHALLENGER, f"does not beat the champion ({candidate:.4f} <= {incumbent:.4f})"
+    c = comparison
+    figures = (
+        f"{c.metric} {c.candidate:.4f} {_interval(c.candidate_interval)} vs "
+        f"{c.champion:.4f} {_interval(c.champion_interval)} on {c.images} test images "
+        f"neither trained or validated on; difference {_interval(c.difference_interval)}"
+    )
+    if c.difference_interval[0] > margin:
+        return CHAMPION, f"beats the champion ({figures}, above the margin {margin:g})"
+    return CHALLENGER, f"does not beat the champion by the margin {margin:g} ({figures})"
 
 
 def promote(
@@ -163,24 +189,57 @@ def promote(
     metric: str = "f1",
     force: bool = False,
     candidate_score: float | None = None,
+    margin: float = 0.0,
 ) -> PromotionDecision:
-    """Score candidate and champion on ``test_frame`` and move the aliases accordingly.
+    """Compare the candidate with the champion and move the aliases accordingly.
 
-    ``candidate_score``: the candidate's ``metric`` on ``test_frame`` when the caller already
-    has it from the very network and preprocessing the version serves (the study's
-    evaluation), so the test images are not scored twice.
+    The two are compared only on the candidate's test images (``test_frame``) that the
+    champion's run neither trained nor validated on (from its recorded split), each model
+    through its pyfunc at its own threshold, with a paired bootstrap (:func:`decide`). With
+    fewer than :data:`MIN_COMPARED_IMAGES` such images (or one class only) the champion
+    stays, unless forced. ``candidate_score``: the candidate's ``metric`` on ``test_frame``
+    when the caller already has it (the study's evaluation), used where there is no
+    champion to compare with.
     """
+    if metric not in PROMOTION_METRICS:
+        raise ValueError(f"unknown promotion metric '{metric}': choose one of {PROMOTION_METRICS}")
     client = mlflow.MlflowClient()
-    if candidate_score is None:
-        candidate_score = score_model(f"models:/{name}/{version}", test_frame, metric)
     current = champion(name)
-    incumbent_score = None
+    comparison, compared, basis = None, len(test_frame), "its test split"
+    champion_score = None
     if current is not None and str(current.version) == str(version):
         alias, reason = CHAMPION, "already the champion"
+    elif current is None:
+        alias, reason = decide(None, margin, force)
     else:
-        if current is not None:
-            incumbent_score = score_model(f"models:/{name}/{current.version}", test_frame, metric)
-        alias, reason = decide(candidate_score, incumbent_score, force)
+        shared, recorded = unseen_by(test_frame, current.run_id)
+        compared = len(shared)
+        basis = (
+            "test images neither model trained or validated on"
+            if recorded
+            else "the candidate's test split (the champion's run recorded no split: it may "
+            "have trained on some of them)"
+        )
+        labels = shared["label"].to_numpy().astype(int)
+        if compared < MIN_COMPARED_IMAGES or len(np.unique(labels)) < 2:
+            alias = CHAMPION if force else CHALLENGER
+            reason = (
+                "promotion forced by the user"
+                if force
+                else f"only {compared} test images neither model trained or validated on "
+                f"(needs {MIN_COMPARED_IMAGES} of both classes): the champion stays"
+            )
+        else:
+            comparison = paired_bootstrap(
+                labels,
+                model_scores(f"models:/{name}/{version}", shared),
+                model_scores(f"models:/{name}/{current.version}", shared),
+                metric,
+            )
+            alias, reason = decide(comparison, margin, force)
+            candidate_score, champion_score = comparison.candidate, comparison.champion
+    if candidate_score is None:
+        candidate_score = score_model(f"models:/{name}/{version}", test_frame, metric)
     with registry_call(f"setting {name}@{alias} to version {version}"):
         client.set_registered_model_alias(name, alias, str(version))
     decision = PromotionDecision(
@@ -189,7 +248,7 @@ def promote(
         reason=reason,
         metric=metric,
         candidate_score=candidate_score,
-        champion_score=incumbent_score,
+        champion_score=champion_score,
         previous_champion=None if current is None else str(current.version),
     )
     tags = {
@@ -197,10 +256,14 @@ def promote(
         Tag.PROMOTION_REASON: reason,
         Tag.PROMOTION_METRIC: f"test/{metric}",
         Tag.CANDIDATE_SCORE: f"{candidate_score:.6f}",
-        Tag.CHAMPION_SCORE: "" if incumbent_score is None else f"{incumbent_score:.6f}",
+        Tag.CHAMPION_SCORE: "" if champion_score is None else f"{champion_score:.6f}",
         Tag.PREVIOUS_CHAMPION: decision.previous_champion or "",
-        Tag.TEST_IMAGES: str(len(test_frame)),
+        Tag.TEST_IMAGES: str(compared),
+        Tag.COMPARED_ON: basis,
     }
+    if comparison is not None:
+        tags[Tag.DIFFERENCE_INTERVAL] = _interval(comparison.difference_interval)
+        tags[Tag.PROMOTION_MARGIN] = f"{margin:g}"
     with registry_call(f"tagging {name} version {version}"):
         for key, value in tags.items():
             client.set_model_version_tag(name, str(version), key, value)
@@ -229,13 +292,14 @@ def promote_by_hand(
     force: bool = False,
     storage: str | None = None,
     strict: bool = False,
+    margin: float = 0.0,
 ) -> PromotionDecision:
     """``qi promote``: an existing version, or the model of a run (registered first).
 
     It takes the lock a study's workers take to register (:func:`qi.locks.registration_lock`
     on ``storage``), so a promotion by hand never interleaves with a study's."""
     with registration_lock(name, storage):
-        return _promote_by_hand(name, version, run_id, data_dir, metric, force, strict)
+        return _promote_by_hand(name, version, run_id, data_dir, metric, force, strict, margin)
 
 
 def _promote_by_hand(
@@ -246,6 +310,7 @@ def _promote_by_hand(
     metric: str,
     force: bool,
     strict: bool,
+    margin: float,
 ) -> PromotionDecision:
     client = mlflow.MlflowClient()
     if (version is None) == (run_id is None):
@@ -266,4 +331,4 @@ def _promote_by_hand(
             raise ValueError(f"{name} has no version {version}") from exc
         raise
     test = run_test_files(model_version.run_id, data_dir, strict)
-    return promote(name, str(version), test, metric, force)
+    return promote(name, str(version), test, metric, force, margin=margin)

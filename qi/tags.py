@@ -46,7 +46,10 @@ class Tag:
     CANDIDATE_SCORE = "qi.candidate_score"
     CHAMPION_SCORE = "qi.champion_score"
     PREVIOUS_CHAMPION = "qi.previous_champion_version"
-    TEST_IMAGES = "qi.test_images"
+    TEST_IMAGES = "qi.test_images"  # how many images the promotion compared on
+    COMPARED_ON = "qi.compared_on"  # which: images neither model saw, or (old runs) all
+    DIFFERENCE_INTERVAL = "qi.difference_interval"  # 90% paired bootstrap, candidate - champion
+    PROMOTION_MARGIN = "qi.promotion_margin"
     ONNX = "qi.onnx"  # on a model version: the runs:/ URI of its parity-checked ONNX export
     ONNX_PARITY = "qi.onnx_parity"
     # MLflow's own

@@ -70,3 +70,30 @@ def test_a_run_without_a_recorded_split_still_evaluates(trained_with_other_fract
     assert "recorded no split" in caplog.text
     expected = sorted(outcome.data.split_frame("test")["image_path"])
     assert sorted(evaluation.frame["image_path"]) == expected  # its fractions, its seed
+
+
+def test_a_champion_is_judged_only_on_images_it_never_saw(tiny_casting, tiny_config, tmp_path):
+    """Champion and candidate split the same folder with other seeds: part of the candidate's
+    test split trained the champion, so only the rest is compared (and here that is too
+    few to decide anything: the champion stays)."""
+    from qi.registry import CHALLENGER, promote, register
+
+    root = tmp_path / "line"
+    for folder in (tiny_casting / "train").iterdir():
+        shutil.copytree(folder, root / folder.name)
+    data = replace(tiny_config.data, data_dir=root, test_fraction=0.4)
+    runs = [
+        train(replace(tiny_config, data=replace(data, seed=seed)), progress=False)
+        for seed in (1, 2)
+    ]
+    first, second = (register(o.model_uri, "line", {}, "test") for o in runs)
+    promote("line", first.version, runs[0].data.split_frame("test"))
+    test = runs[1].data.split_frame("test")
+    seen = set(runs[0].data.frame.loc[runs[0].data.frame["split"] != "test", "image_path"])
+    never_seen = [p for p in test["image_path"] if p not in seen]
+    assert 0 < len(never_seen) < len(test)
+    decision = promote("line", second.version, test)
+    assert decision.alias == CHALLENGER and f"only {len(never_seen)} test images" in decision.reason
+    tags = mlflow.MlflowClient().get_model_version("line", second.version).tags
+    assert tags["qi.test_images"] == str(len(never_seen))
+    assert tags["qi.compared_on"] == "test images neither model trained or validated on"

@@ -6,12 +6,14 @@ from dataclasses import replace
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import mlflow
+import numpy as np
 import pandas as pd
 import pytest
 import torch
 from click.testing import CliRunner
 
 from qi.cli import cli
+from qi.evaluation.comparison import Comparison, paired_bootstrap
 from qi.inference import ModelSpec
 from qi.registry import (
     CHALLENGER,
@@ -28,11 +30,35 @@ from qi.serving import log_inspection_model
 from qi.train import train
 
 
+def _comparison(difference: tuple[float, float]) -> Comparison:
+    return Comparison("f1", 300, 0.9, 0.85, (0.87, 0.93), (0.82, 0.88), difference)
+
+
 def test_decision_rule():
-    assert decide(0.9, None, False)[0] == CHAMPION
-    assert decide(0.9, 0.8, False)[0] == CHAMPION
-    assert decide(0.8, 0.8, False)[0] == CHALLENGER  # a tie keeps the champion
-    assert decide(0.1, 0.9, True) == (CHAMPION, "promotion forced by the user")
+    assert decide(None, 0.0, False) == (CHAMPION, "no champion yet")
+    assert decide(_comparison((0.01, 0.09)), 0.0, False)[0] == CHAMPION
+    # ahead on these images, but not by more than they can be wrong about
+    alias, reason = decide(_comparison((-0.01, 0.11)), 0.0, False)
+    assert alias == CHALLENGER and "difference [-0.0100, 0.1100]" in reason
+    assert decide(_comparison((0.01, 0.09)), 0.02, False)[0] == CHALLENGER  # the margin
+    assert decide(_comparison((-0.5, -0.1)), 0.0, True) == (
+        CHAMPION,
+        "promotion forced by the user",
+    )
+
+
+def test_paired_bootstrap_sees_a_real_lead_and_not_a_coin_flip():
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, 2, 300)
+    truthful = np.where(labels == 1, 0.8, 0.2) + rng.normal(0, 0.25, 300)
+    weaker = np.where(labels == 1, 0.6, 0.4) + rng.normal(0, 0.25, 300)
+    lead = paired_bootstrap(labels, (truthful, 0.5), (weaker, 0.5), "acc")
+    assert lead.difference_interval[0] > 0 and lead.candidate > lead.champion
+    # the same model with a little noise on its scores: no lead the images support
+    noise = truthful + rng.normal(0, 0.1, 300)
+    tie = paired_bootstrap(labels, (noise, 0.5), (truthful, 0.5), "acc")
+    assert tie.difference_interval[0] < 0 < tie.difference_interval[1]
+    assert decide(tie, 0.0, False)[0] == CHALLENGER
 
 
 @pytest.fixture

@@ -53,7 +53,8 @@ progress_option = click.option("--progress/--no-progress", default=True, help="P
 TRAIN_OPTIONS = dict(
     run=RunConfig,
     exclude=("run.synth.*", "run.evaluation.promotion_metric", "run.evaluation.register",
-             "run.evaluation.force_promote", "run.data.strict_data"),
+             "run.evaluation.force_promote", "run.evaluation.promotion_margin",
+             "run.data.strict_data"),
 )  # fmt: skip
 TUNE_OPTIONS = dict(
     tune=TuneConfig,
@@ -282,7 +283,8 @@ def evaluate(evaluate: EvaluateConfig, run: RunConfig, progress: bool) -> None:
     promote=PromoteConfig,
     run=RunConfig,
     include=("promote.*", "run.evaluation.promotion_metric", "run.evaluation.force_promote",
-             "run.data.strict_data", "run.tracking.tracking_uri"),
+             "run.evaluation.promotion_margin", "run.data.strict_data",
+             "run.tracking.tracking_uri"),
     aliases={"run.evaluation.promotion_metric": ("--metric",),
              "run.evaluation.force_promote": ("--force",)},
 )  # fmt: skip
@@ -303,6 +305,7 @@ def promote(promote: PromoteConfig, run: RunConfig) -> None:
             force=run.evaluation.force_promote,
             storage=promote.storage,
             strict=run.data.strict_data,
+            margin=run.evaluation.promotion_margin,
         )
     except (ValueError, mlflow_error()) as exc:
         raise click.ClickException(str(exc).splitlines()[0]) from exc

@@ -142,3 +142,27 @@ def run_test_files(
     )
     data = prepare_data(data_config_of_run(run_id, data_dir), progress=False, good_only=good_only)
     return data.split_frame("test")
+
+
+def files_seen_by(run_id: str, data_dir: Path | None = None) -> tuple[set[str], set[str]] | None:
+    """(absolute paths, content digests) of the files a run trained or validated on, as it
+    recorded them; None for a run that recorded no split."""
+    table = recorded_split(run_id)
+    if table is None:
+        return None
+    tags = mlflow.MlflowClient().get_run(run_id).data.tags
+    root = Path(data_dir or tags.get(Tag.DATA_ROOT, ""))
+    seen = table[table["split"] != "test"]
+    return {str(root / p) for p in seen["image_path"]}, set(seen["sha256"])
+
+
+def unseen_by(frame: pd.DataFrame, run_id: str) -> tuple[pd.DataFrame, bool]:
+    """The rows of ``frame`` (image_path, label) that the run neither trained nor validated
+    on - by path, and by content (a copy under another name counts as seen) - and whether
+    the run recorded what it saw at all (if not, every row is returned)."""
+    seen = files_seen_by(run_id)
+    if seen is None:
+        return frame.reset_index(drop=True), False
+    paths, digests = seen
+    keep = [p not in paths and file_digest(p) not in digests for p in frame["image_path"]]
+    return frame[keep].reset_index(drop=True), True

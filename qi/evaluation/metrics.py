@@ -38,25 +38,38 @@ from qi.inference import LABELS, decide
 PROMOTION_METRICS = choices.PROMOTION_METRICS
 
 
+def _ranking(function):
+    """A threshold-free metric of the scores: nan where only one class is present."""
+    return lambda labels, scores, predicted: (
+        function(labels, scores) if len(np.unique(labels)) == 2 else float("nan")
+    )
+
+
+# name -> f(labels, scores, predicted at the threshold)
+METRIC_FUNCTIONS = {
+    "acc": lambda y, s, p: accuracy_score(y, p),
+    "precision": lambda y, s, p: precision_score(y, p, zero_division=0),
+    "defect_recall": lambda y, s, p: recall_score(y, p, zero_division=0),
+    "ok_recall": lambda y, s, p: recall_score(y, p, pos_label=0, zero_division=0),
+    "f1": lambda y, s, p: f1_score(y, p, zero_division=0),
+    "macro_f1": lambda y, s, p: f1_score(y, p, average="macro", zero_division=0),
+    "auroc": _ranking(roc_auc_score),
+    "average_precision": _ranking(average_precision_score),
+    "log_loss": lambda y, s, p: log_loss(y, np.clip(s, 1e-7, 1 - 1e-7), labels=[0, 1]),
+}
+
+
 def binary_metrics(labels: np.ndarray, scores: np.ndarray, threshold: float = 0.5) -> dict:
     """Accuracy, precision, defect recall, F1 (defective class and macro) at ``threshold``;
     ROC AUC, average precision and log loss over the scores (threshold-free: they still rank
     models whose accuracy ties on a few hundred images)."""
     predicted = decide(scores, threshold)
-    both_classes = len(np.unique(labels)) == 2
-    return {
-        "acc": accuracy_score(labels, predicted),
-        "precision": precision_score(labels, predicted, zero_division=0),
-        "defect_recall": recall_score(labels, predicted, zero_division=0),
-        "ok_recall": recall_score(labels, predicted, pos_label=0, zero_division=0),
-        "f1": f1_score(labels, predicted, zero_division=0),
-        "macro_f1": f1_score(labels, predicted, average="macro", zero_division=0),
-        "auroc": roc_auc_score(labels, scores) if both_classes else float("nan"),
-        "average_precision": average_precision_score(labels, scores)
-        if both_classes
-        else float("nan"),
-        "log_loss": log_loss(labels, np.clip(scores, 1e-7, 1 - 1e-7), labels=[0, 1]),
-    }
+    return {name: f(labels, scores, predicted) for name, f in METRIC_FUNCTIONS.items()}
+
+
+def metric_value(name: str, labels: np.ndarray, scores: np.ndarray, threshold: float) -> float:
+    """One of :func:`binary_metrics`, alone (what a bootstrap recomputes a thousand times)."""
+    return float(METRIC_FUNCTIONS[name](labels, scores, decide(scores, threshold)))
 
 
 def recall_by_defect_type(

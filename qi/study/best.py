@@ -179,6 +179,7 @@ def register_best(
         base.evaluation.force_promote,
         # the evaluation scored these test images with the network the version serves
         candidate_score=float(evaluation.metrics[base.evaluation.promotion_metric]),
+        margin=base.evaluation.promotion_margin,
     )
     mlflow.set_tags(
         {
