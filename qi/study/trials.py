@@ -72,9 +72,10 @@ class DataByImageSize:
     def get(self, image_size: int) -> PreparedData:
         if image_size not in self._prepared:
             config = replace(self.base.data, image_size=image_size)
-            good_only = (self.method or self.base.detector.method) == "anomaly" or (
-                self.method is None and self.base.detector.method == "auto"
-            )
+            if self.method is None:  # not chosen yet: accept what the asked method could use
+                good_only = self.base.detector.method != "classifier"
+            else:
+                good_only = self.method == "anomaly"
             data = prepare_data(config, self.base.synth, self.progress, good_only=good_only)
             if self.method == "anomaly":
                 data = detector_data(data, self.base.data.seed)
