@@ -103,6 +103,15 @@ def open_storage(
     return JournalStorage(JournalFileBackend(str(path)))
 
 
+def _lost_schema_race(exc: Exception) -> bool:
+    """A duplicate table, index or row: another worker created that part of the schema first.
+
+    PostgreSQL says "already exists" (a table, an index) or "duplicate key" (its catalogue,
+    or Optuna's version row); MySQL and sqlite say "already exists" or "Duplicate entry"."""
+    text = str(getattr(exc, "orig", exc)).lower()
+    return any(sign in text for sign in ("already exists", "duplicate key", "duplicate entry"))
+
+
 def _open_database(url: str, heartbeat: Heartbeat | None) -> optuna.storages.RDBStorage:
     import optuna
     import sqlalchemy.exc
@@ -121,10 +130,15 @@ def _open_database(url: str, heartbeat: Heartbeat | None) -> optuna.storages.RDB
                 with warnings.catch_warnings():
                     warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
                     return RDBStorage(url, engine_kwargs={"pool_pre_ping": True}, **beats)
-            except sqlalchemy.exc.IntegrityError:
-                # workers starting together on a new database all create Optuna's schema:
-                # one wins, the others find it made once they look again
-                if attempt == 4:
+            except (
+                sqlalchemy.exc.IntegrityError,
+                sqlalchemy.exc.ProgrammingError,
+                sqlalchemy.exc.OperationalError,  # MySQL's "table already exists"
+            ) as exc:
+                # workers starting together on a new database all create Optuna's schema: one
+                # wins, the others fail on a table or row it made (CI, 2026-12-03: "relation
+                # alembic_version already exists") and find it made once they look again
+                if attempt == 4 or not _lost_schema_race(exc):
                     raise
                 time.sleep(0.5 * (attempt + 1))
     except (ImportError, sqlalchemy.exc.NoSuchModuleError):

@@ -82,3 +82,51 @@ def test_the_database_password_stays_out_of_what_others_read():
     assert public_label(url, "sqlite:///unused.db") == redacted(url)
     assert "s3cret" not in str(describe(TuneConfig(storage=url)))  # the parent run's params
     assert redacted("/tmp/studies.journal") == "/tmp/studies.journal"
+
+
+OPEN_ON_SIGNAL = """
+import pathlib, sys, time
+from qi.storage import open_storage
+import optuna, sqlalchemy  # imported before the start, so that all open at once
+folder = pathlib.Path(sys.argv[2])
+(folder / f"ready-{sys.argv[3]}").touch()
+while not (folder / "go").exists():
+    time.sleep(0.005)
+time.sleep(max(0.0, float((folder / "go").read_text()) - time.time()))  # one start for all
+open_storage(sys.argv[1], "sqlite:///unused.db")
+"""
+
+
+def test_workers_starting_together_on_a_new_database(postgres_server, tmp_path):
+    """Every worker of a fresh study creates Optuna's schema at once (CI, 2026-12-03:
+    "relation alembic_version already exists" killed one of two workers; measured here, one
+    round in five of four processes lost the race): all must open it."""
+    import subprocess
+    import sys
+    import time
+    import uuid
+
+    from qi.services import create_database
+    from qi.storage import open_storage
+
+    for round_ in range(5):  # the race is narrow: five fresh databases, four openers each
+        url = create_database(postgres_server, f"qi_race_{uuid.uuid4().hex[:12]}")
+        folder = tmp_path / str(round_)
+        folder.mkdir()
+        openers = [
+            subprocess.Popen(
+                [sys.executable, "-c", OPEN_ON_SIGNAL, url, str(folder), str(i)],
+                stderr=subprocess.PIPE,
+                text=True,
+            )
+            for i in range(4)
+        ]
+        while len(list(folder.glob("ready-*"))) < len(openers):
+            assert all(p.poll() is None for p in openers), [p.stderr.read() for p in openers]
+            time.sleep(0.05)
+        (folder / "go.tmp").write_text(str(time.time() + 0.2))
+        (folder / "go.tmp").rename(folder / "go")
+        errors = [p.communicate(timeout=120)[1] for p in openers]
+        assert all(p.returncode == 0 for p in openers), [e[-600:] for e in errors if e]
+        study = optuna.create_study(study_name="after", storage=open_storage(url, "sqlite:///x"))
+        assert study.study_name == "after"
