@@ -105,9 +105,9 @@ def test_two_workers_share_one_study(tiny_casting, tmp_path):
         "--data-dir",
         str(tiny_casting),
         "--n-trials",
-        "4",
+        "10",
         "--epochs",
-        "1",
+        "8",
         "--image-size",
         "32",
         "--batch-size",
@@ -144,8 +144,10 @@ def test_two_workers_share_one_study(tiny_casting, tmp_path):
 
     study = optuna.load_study(study_name="shared", storage=open_storage(str(storage), uri))
     trials = study.trials
-    # each worker stops once the study has 4 finished trials; one may be mid-trial then
-    assert 4 <= len(trials) <= 5
+    # each worker stops once the study has 10 finished trials; one may be mid-trial then.
+    # Trials last about a second (8 epochs): with 1-epoch trials of 0.2 s the worker that
+    # started first finished the study before the other had imported torch (2026-12-03)
+    assert 10 <= len(trials) <= 11
     assert all(t.state.name == "COMPLETE" for t in trials)
     runs = mlflow.search_runs(experiment_names=["workers"], output_format="list")
     parents = [r for r in runs if r.data.tags.get("qi.kind") == "tune"]
