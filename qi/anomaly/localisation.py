@@ -37,12 +37,12 @@ def mask_path(image_path: str | Path, root: str | Path) -> Path:
 def known_masks(data: PreparedData) -> tuple[np.ndarray, np.ndarray] | None:
     """(positions in the test split, ``(N, size, size)`` bool masks) of the test images whose
     truth is known: every good one (no defect pixel) and each defective one with a mask file.
-    None when the layout has no masks or no defective test image has one."""
+    None when the layout has no masks or they mark no defect pixel."""
     if data.layout != "mvtec":
         return None
     size = data.preprocess.image_size
     frame = data.split_frame("test")
-    chosen, masks, missing = [], [], 0
+    chosen, masks, missing, defect_pixels = [], [], 0, False
     for position, (path, label) in enumerate(zip(frame["image_path"], frame["label"], strict=True)):
         if label == 0:
             chosen.append(position)
@@ -55,10 +55,11 @@ def known_masks(data: PreparedData) -> tuple[np.ndarray, np.ndarray] | None:
             continue
         chosen.append(position)
         masks.append(cv2.resize(mask, (size, size), interpolation=cv2.INTER_NEAREST) > 127)
+        defect_pixels = defect_pixels or bool(masks[-1].any())
     if missing:
         log.warning("pixel AUROC: %d defective test image(s) have no readable mask", missing)
-    if len(masks) == sum(1 for label in frame["label"] if label == 0):
-        return None  # no defect mask at all
+    if not defect_pixels or all(m.all() for m in masks):
+        return None  # nothing to rank: no defect pixel (or no good one) anywhere
     return np.asarray(chosen), np.stack(masks)
 
 
@@ -71,8 +72,6 @@ def pixel_auroc(net: PatchCoreNet, data: PreparedData) -> tuple[float, int] | No
     positions, masks = known
     images, _ = data.split("test")
     maps = map_batches(net.anomaly_maps, images[positions], BATCH)
-    if masks.all() or not masks.any():
-        return None
     return float(roc_auc_score(masks.ravel(), maps.ravel())), len(positions)
 
 

@@ -9,6 +9,7 @@ parallel workers).
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -43,8 +44,14 @@ def code_version() -> str:
     """What decoding depends on besides the settings: the preprocessing code itself (a
     digest of its source, so a change there never reads arrays the old code made, with no
     version number to forget) and OpenCV's and NumPy's versions."""
-    source = Path(preprocessing.__file__).read_bytes()
-    return f"{hashlib.sha256(source).hexdigest()[:16]}/cv2 {cv2.__version__}/np {np.__version__}"
+    source = _source_digest(preprocessing.__file__)
+    return f"{source}/cv2 {cv2.__version__}/np {np.__version__}"
+
+
+@functools.cache
+def _source_digest(path: str) -> str:
+    """Read once per process (every prepare_data asks)."""
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16]
 
 
 def cache_key(paths: list[str], config: PreprocessConfig) -> str:

@@ -51,6 +51,13 @@ def recorded_split(run_id: str) -> pd.DataFrame | None:
         return pd.read_csv(path, keep_default_na=False, dtype={"defect_type": str})
 
 
+def recorded_root(run_id: str, data_dir: Path | None = None) -> Path:
+    """The folder a run's recorded paths are relative to: ``data_dir``, else its tag."""
+    if data_dir is not None:
+        return Path(data_dir)
+    return Path(mlflow.MlflowClient().get_run(run_id).data.tags.get(Tag.DATA_ROOT, ""))
+
+
 def recorded_files(
     run_id: str, data_dir: Path | None = None, strict: bool = False
 ) -> tuple[pd.DataFrame, Path] | None:
@@ -60,8 +67,7 @@ def recorded_files(
     table = recorded_split(run_id)
     if table is None:
         return None
-    tags = mlflow.MlflowClient().get_run(run_id).data.tags
-    root = Path(data_dir or tags.get(Tag.DATA_ROOT, ""))
+    root = recorded_root(run_id, data_dir)
     if not str(root) or not root.is_dir():
         raise DataLayoutError(
             f"run {run_id} recorded its images under '{root}', which is not a folder here: "
@@ -150,8 +156,7 @@ def files_seen_by(run_id: str, data_dir: Path | None = None) -> tuple[set[str], 
     table = recorded_split(run_id)
     if table is None:
         return None
-    tags = mlflow.MlflowClient().get_run(run_id).data.tags
-    root = Path(data_dir or tags.get(Tag.DATA_ROOT, ""))
+    root = recorded_root(run_id, data_dir)
     seen = table[table["split"] != "test"]
     return {str(root / p) for p in seen["image_path"]}, set(seen["sha256"])
 

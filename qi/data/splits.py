@@ -6,7 +6,8 @@ number falls (test below the test fraction, val in the next band, train above). 
 removing or failing to read *other* files never moves it, on any machine, and moving the
 whole folder does not either. The draw is independent of the class, so every class and
 defect type is split in the chosen proportions in expectation (the binomial spread: about
-+-3 of 12 expected test images in 80, +-1.5 points of a 15% split of 1,000). Where a
+a standard deviation of 3.2 of 12 expected test images in 80, 1.1 points of a 15% split
+of 1,000). Where a
 class would end up absent from a split qi drew, its train file with the lowest draw joins
 that split, so small data still validates and tests every class.
 

@@ -50,7 +50,9 @@ def paired_bootstrap(
             continue
         a = metric_value(metric, labels[pick], candidate[0][pick], candidate[1])
         b = metric_value(metric, labels[pick], champion[0][pick], champion[1])
-        ours.append(a), theirs.append(b), both.append(a - b)
+        ours.append(a)
+        theirs.append(b)
+        both.append(a - b)
     tail = (1 - LEVEL) / 2 * 100
 
     def interval(values: list[float]) -> tuple[float, float]:
