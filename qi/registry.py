@@ -29,7 +29,7 @@ from qi.evaluation.comparison import Comparison, paired_bootstrap
 from qi.evaluation.metrics import binary_metrics
 from qi.locks import registration_lock
 from qi.serving import IMAGE_COLUMN
-from qi.storage import redacted
+from qi.storage import redacted, storage_label
 from qi.tags import Tag
 from qi.tracking import TrackingError
 
@@ -298,7 +298,8 @@ def promote_by_hand(
 
     It takes the lock a study's workers take to register (:func:`qi.locks.registration_lock`
     on ``storage``), so a promotion by hand never interleaves with a study's."""
-    with registration_lock(name, storage):
+    # the same place a study on that storage (or on the default one) locks
+    with registration_lock(name, storage_label(storage, mlflow.get_tracking_uri())):
         return _promote_by_hand(name, version, run_id, data_dir, metric, force, strict, margin)
 
 

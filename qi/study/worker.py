@@ -17,7 +17,15 @@ from qi.choices import metric_mode, validate_metric
 from qi.config import RunConfig, TuneConfig, to_dict
 from qi.data.datamodule import PreparedData, check_data_dir
 from qi.interrupts import checkpoint
-from qi.storage import Heartbeat, StorageError, open_storage, public_label, redacted
+from qi.locks import check_lockable
+from qi.storage import (
+    Heartbeat,
+    StorageError,
+    open_storage,
+    public_label,
+    redacted,
+    storage_label,
+)
 from qi.study.best import TuneOutcome, best_trial, finish_best
 from qi.study.recovery import (
     StaleTrialCleanup,
@@ -71,6 +79,8 @@ def tune(
     heartbeat = Heartbeat(
         config.heartbeat_interval, config.grace_period, on_stale_trial=StaleTrialCleanup()
     )
+    if base.evaluation.register:  # refused before any training, not after the study
+        check_lockable(storage_label(config.storage, tracking_uri))
     storage = open_storage(config.storage, tracking_uri, heartbeat)
     study = load_or_create_study(storage, config, pruner)
     existing = len(study.trials)
