@@ -97,3 +97,39 @@ def test_a_champion_is_judged_only_on_images_it_never_saw(tiny_casting, tiny_con
     tags = mlflow.MlflowClient().get_model_version("line", second.version).tags
     assert tags["qi.test_images"] == str(len(never_seen))
     assert tags["qi.compared_on"] == "test images neither model trained or validated on"
+
+
+def test_a_growing_folder_keeps_every_split_and_the_best_trial_is_judged_on_its_own(
+    tiny_casting, tiny_config, tmp_path, caplog
+):
+    """A line's folder grows by 10% between two sessions of one study: every file keeps its
+    split, and the second session, which adds no trial, evaluates the best trial on the test
+    files its own session recorded, none of which it trained on."""
+    from qi.config import TuneConfig
+    from qi.study import tune
+    from tests.study.test_study import TINY_SPACE
+
+    root, aside = tmp_path / "line", tmp_path / "aside"
+    for folder in (tiny_casting / "train").iterdir():
+        shutil.copytree(folder, root / folder.name)
+    later = sorted(root.rglob("*.png"))[::10]
+    for path in later:
+        (aside / path.parent.name).mkdir(parents=True, exist_ok=True)
+        path.rename(aside / path.parent.name / path.name)
+    base = replace(tiny_config, data=replace(tiny_config.data, data_dir=root))
+    config = TuneConfig(n_trials=1, epochs=1, timeout=None, space=TINY_SPACE, study_name="line")
+    first = tune(base, config, progress=False)
+    for path in later:
+        (aside / path.parent.name / path.name).rename(path)
+    with caplog.at_level(logging.WARNING):
+        second = tune(base, config, progress=False)
+
+    assert len(second.study.trials) == 1  # the study had its trial: the session ran none
+    before, after = recorded_split(first.parent_run_id), recorded_split(second.parent_run_id)
+    assert len(after) == len(before) + len(later)
+    kept = before.merge(after, on="image_path", suffixes=("", "_now"))
+    assert len(kept) == len(before) and (kept["split"] == kept["split_now"]).all()
+    assert set(after["split"]) == {"train", "val", "test"}
+    tested = before.loc[before["split"] == "test", "image_path"]
+    assert sorted(second.evaluation.frame["image_path"]) == sorted(str(root / p) for p in tested)
+    assert f"evaluated on the {len(tested)} test images its worker recorded" in caplog.text

@@ -19,6 +19,7 @@ from optuna.trial import TrialState
 from qi.anomaly.localisation import add_pixel_auroc
 from qi.config import RunConfig, TuneConfig
 from qi.data.datamodule import PreparedData
+from qi.data.recorded import recorded_data
 from qi.evaluation.metrics import Evaluation
 from qi.evaluation.report import log_evaluation
 from qi.evaluation.scoring import evaluate, views_on_validation
@@ -73,6 +74,37 @@ def trial_rank(trial: optuna.trial.FrozenTrial, direction: optuna.study.StudyDir
     return (objective, loss, trial.number)
 
 
+def data_of_trial(best: optuna.trial.FrozenTrial, here: PreparedData) -> PreparedData:
+    """The split the best trial trained on: this worker's when it matches, else the one its
+    worker recorded (a session before the folder grew, or a worker elsewhere), so that its
+    test images are ones it never trained on. A trial from before recorded splits keeps
+    this worker's data, with a warning."""
+    trained_on = best.user_attrs.get(TrialAttr.DATA_DIGEST)
+    if trained_on in (None, here.digest):
+        return here
+    parent = best.user_attrs.get(TrialAttr.PARENT_RUN_ID)
+    recorded = recorded_data(parent, here.preprocess) if parent else None
+    if recorded is None:
+        log.warning(
+            "the best trial %d was trained on other data (digest %s, now %s) and its split was "
+            "not recorded: it is evaluated on this folder's test split",
+            best.number,
+            trained_on,
+            here.digest,
+        )
+        return here
+    log.warning(
+        "the best trial %d was trained on other data (digest %s, now %s): it is evaluated on "
+        "the %d test images its worker recorded (run %s)",
+        best.number,
+        trained_on,
+        here.digest,
+        int((recorded.frame["split"] == "test").sum()),
+        parent,
+    )
+    return recorded
+
+
 def finish_best(
     best: optuna.trial.FrozenTrial,
     data: DataByImageSize,
@@ -91,13 +123,7 @@ def finish_best(
     )
     log_metrics({"best_value": best.value, "best_trial": best.number}, parent_run_id)
     net, spec = load_trial_network(best)
-    prepared = data.get(spec.preprocess.image_size)
-    if best.user_attrs.get(TrialAttr.DATA_DIGEST) not in (None, prepared.digest):
-        log.warning(
-            "the best trial was trained on other data (digest %s, now %s)",
-            best.user_attrs.get(TrialAttr.DATA_DIGEST),
-            prepared.digest,
-        )
+    prepared = data_of_trial(best, data.get(spec.preprocess.image_size))
     settings = base.evaluation
     detector = spec.method == "anomaly"
     if settings.try_test_time_views and not detector and net.test_time_views == 1:
