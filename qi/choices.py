@@ -33,13 +33,17 @@ FINETUNE_MODES = ("head", "last", "all")  # qi.models.InspectionNet.set_finetune
 AUGMENTATIONS = ("affine", "dihedral")  # qi.data.augmentation.build_augmentation
 # classifier: learns good and defective; anomaly: learns good images only (qi.anomaly)
 METHODS = ("auto", "classifier", "anomaly")  # qi.anomaly.method.choose_method
+# auto: learn which defect too when the data names enough of each (qi.data.types.learnable_types)
+DEFECT_TYPE_MODES = ("auto", "off")
 OPTIMIZERS = ("adamw", "adam", "sgd")  # qi.fit.optimizers.OPTIMIZERS
 SAMPLERS = ("tpe", "random")  # qi.study.sampling.SAMPLERS
 PRUNERS = ("median", "hyperband", "successive_halving", "none")  # qi.study.sampling.PRUNERS
 
 # metrics computed per stage and epoch by qi.fit.module.STAGE_METRICS; "loss" beside them
 STAGE_METRICS = ("f1", "auroc", "acc", "defect_recall", "precision")
-METRICS = (*STAGE_METRICS, "loss")
+# macro F1 of the defect type among defective images, for a model that learns types
+TYPE_METRICS = ("type_macro_f1",)
+METRICS = (*STAGE_METRICS, *TYPE_METRICS, "loss")
 # test metrics a new model version may be compared on (keys of qi.evaluation binary_metrics)
 PROMOTION_METRICS = ("f1", "acc", "auroc", "average_precision", "defect_recall", "macro_f1")
 

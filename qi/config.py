@@ -60,6 +60,7 @@ _poolings = choices.POOLINGS
 _augmentations = choices.AUGMENTATIONS
 _finetune_modes = choices.FINETUNE_MODES
 _methods = choices.METHODS
+_defect_type_modes = choices.DEFECT_TYPE_MODES
 
 
 def _views(value: int) -> str | None:
@@ -197,6 +198,12 @@ class ModelConfig(Checked):
         "Average the defect probability over this many flips/rotations of each image (1, 2, "
         "4 or 8): steadier scores at that many times the inference cost.",
         check=_views,
+    )
+    defect_types: str = option(
+        "auto",
+        "Learn which defect, beside whether: auto when at least 2 defect types have 8 or more "
+        "training images each (a second head on the same features); off: whether only.",
+        choices=_defect_type_modes,
     )
 
 

@@ -49,6 +49,8 @@ class ModelSpec:
     qi_version: str = qi.__version__
     method: str = "classifier"  # "anomaly": a good-only detector (qi.models.patchcore)
     detector: DetectorConfig | None = None
+    # the type head's classes in output order; () for a model that says whether only
+    defect_types: tuple[str, ...] = ()
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2)
@@ -63,6 +65,7 @@ class ModelSpec:
             qi_version=raw.get("qi_version", "?"),
             method=raw.get("method", "classifier"),  # models before detectors: classifiers
             detector=from_dict(DetectorConfig, raw["detector"]) if raw.get("detector") else None,
+            defect_types=tuple(raw.get("defect_types", ())),  # models before types: none
         )
 
 
@@ -78,7 +81,9 @@ def load_network(spec: ModelSpec, weights_file: Path) -> InspectionNet:
         return load_detector(spec, state, weights_file)
     head_only = not any(key.startswith("encoder.") for key in state)
     model = spec.model if head_only else replace(spec.model, pretrained=None)
-    net = build_model(model, spec.preprocess.channels, spec.preprocess.image_size)
+    net = build_model(
+        model, spec.preprocess.channels, spec.preprocess.image_size, spec.defect_types
+    )
     state = encoder_in_current_layout(net, state, str(weights_file))
     missing, unexpected = net.load_state_dict(state, strict=False)
     if unexpected or any(not key.startswith("encoder.") for key in missing):
@@ -160,6 +165,40 @@ def defect_probabilities(net: InspectionNet, batch: np.ndarray, batch_size: int 
     the model's test-time views)."""
     device = next(net.parameters()).device
     return map_batches(net.probabilities, batch, batch_size, device)
+
+
+def probabilities_and_types(
+    net: InspectionNet, batch: np.ndarray, batch_size: int = 64
+) -> tuple[np.ndarray, np.ndarray]:
+    """(defect probability ``(N,)``, type probabilities ``(N, K)`` over ``net.defect_types``)
+    in one pass; ``K`` is 0 for a network that learned no types."""
+    if not net.defect_types:
+        probabilities = defect_probabilities(net, batch, batch_size)
+        return probabilities, np.zeros((len(probabilities), 0), np.float32)
+    device = next(net.parameters()).device
+
+    def joined(images: torch.Tensor) -> torch.Tensor:
+        defect, types = net.probabilities_and_types(images)
+        return torch.cat([defect[:, None], types], dim=1)
+
+    both = map_batches(joined, batch, batch_size, device).reshape(len(batch), -1)
+    return both[:, 0], both[:, 1:]
+
+
+def type_columns(
+    decisions: np.ndarray, type_probabilities: np.ndarray, types: tuple[str, ...]
+) -> dict[str, np.ndarray]:
+    """``defect_type`` and ``defect_type_probability`` per image: the most probable learned
+    type of a part judged defective; an ok part has no type (None and NaN)."""
+    best = type_probabilities.argmax(1)
+    defective = np.asarray(decisions, dtype=bool)
+    names = np.asarray(types, dtype=object)[best]
+    return {
+        "defect_type": np.where(defective, names, None),
+        "defect_type_probability": np.where(
+            defective, type_probabilities[np.arange(len(best)), best], np.nan
+        ).astype(np.float64),
+    }
 
 
 def prepare_batch(items: list, config: PreprocessConfig) -> np.ndarray:

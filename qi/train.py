@@ -133,6 +133,7 @@ def train(config: RunConfig, progress: bool = True) -> TrainOutcome:
                 threshold=threshold,
                 method=method,
                 detector=config.detector if method == "anomaly" else None,
+                defect_types=result.net.defect_types,
             )
             info = log_inspection_model(result.net, spec, example_image=data.images[0])
             model_uri = info.model_uri

@@ -59,8 +59,9 @@ TRAIN_OPTIONS = dict(
 TUNE_OPTIONS = dict(
     tune=TuneConfig,
     run=RunConfig,
-    include=("run.data.*", "tune.*", "run.model.pretrained", "run.train.precision",
-             "run.train.seed", "run.tracking.*", "run.evaluation.*", "run.detector.*"),
+    include=("run.data.*", "tune.*", "run.model.pretrained", "run.model.defect_types",
+             "run.train.precision", "run.train.seed", "run.tracking.*", "run.evaluation.*",
+             "run.detector.*"),
     exclude=("tune.space.*", "run.data.image_size", "run.data.strict_data"),
 )  # fmt: skip
 
@@ -242,6 +243,12 @@ def describe_evaluation(evaluation) -> str:
         lines.append(
             f"pixel ROC AUC of the anomaly maps {m['pixel_auroc']:.4f} "
             f"({m['pixel_auroc_images']:.0f} test images with masks)"
+        )
+    if evaluation.types is not None:
+        t = evaluation.types
+        lines.append(
+            f"defect types ({', '.join(t.types)}): type accuracy {t.caught_accuracy:.4f} and "
+            f"macro F1 {t.caught_macro_f1:.4f} among the {t.caught} caught defects"
         )
     if evaluation.tradeoff is not None:
         lines += ["operating points (threshold chosen on validation):"]

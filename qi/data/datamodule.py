@@ -25,6 +25,7 @@ from qi.data.cache import decode_images
 from qi.data.discovery import DataLayoutError, discover
 from qi.data.preprocessing import PreprocessConfig, typical_size
 from qi.data.splits import assign_splits, check_classes, subsample
+from qi.data.types import type_targets
 from qi.interrupts import checkpoint
 
 log = logging.getLogger(__name__)
@@ -75,6 +76,16 @@ class PreparedData:
     def split(self, name: str) -> tuple[np.ndarray, np.ndarray]:
         mask = (self.frame["split"] == name).to_numpy()
         return self.images[mask], self.frame["label"].to_numpy()[mask]
+
+    def targets(self, name: str, types: tuple[str, ...] = ()) -> tuple[np.ndarray, np.ndarray]:
+        """(images, targets) of a split: the 0/1 labels, or with ``types`` learned, rows of
+        (label, index of the defect type in ``types`` or -1) (:mod:`qi.data.types`)."""
+        images, labels = self.split(name)
+        if not types:
+            return images, labels
+        mask = (self.frame["split"] == name).to_numpy()
+        kinds = type_targets(self.frame[mask], types)
+        return images, np.stack([labels.astype(np.float32), kinds.astype(np.float32)], axis=1)
 
     def split_frame(self, name: str) -> pd.DataFrame:
         return self.frame[self.frame["split"] == name].reset_index(drop=True)
@@ -149,7 +160,8 @@ def prepare_data(
 
 
 class ImageArrayDataset(Dataset):
-    """uint8 ``(C, H, W)`` tensors and float labels from an in-memory array."""
+    """uint8 ``(C, H, W)`` tensors and float targets (labels, or (label, type) rows) from an
+    in-memory array."""
 
     def __init__(self, images: np.ndarray, labels: np.ndarray, transform=None) -> None:
         # (N, H, W, C) -> (N, C, H, W) once, shared memory with the array when possible
@@ -170,14 +182,17 @@ class ImageArrayDataset(Dataset):
 class InspectionDataModule(pl.LightningDataModule):
     """Loaders over :class:`PreparedData` for one batch size and augmentation strength."""
 
-    def __init__(self, data: PreparedData, config: DataConfig) -> None:
+    def __init__(
+        self, data: PreparedData, config: DataConfig, defect_types: tuple[str, ...] = ()
+    ) -> None:
         super().__init__()
         self.data = data
         self.config = config
+        self.defect_types = defect_types
         self.augmentation = build_augmentation(config.augment_strength, config.augmentation)
 
     def _loader(self, split: str, train: bool) -> DataLoader:
-        images, labels = self.data.split(split)
+        images, labels = self.data.targets(split, self.defect_types)
         dataset = ImageArrayDataset(images, labels, self.augmentation if train else None)
         workers = self.config.num_workers
         return DataLoader(
@@ -218,7 +233,8 @@ class FeatureDataModule(pl.LightningDataModule):
         views, n, dim = train.shape
         self.train_set = torch.utils.data.TensorDataset(
             torch.from_numpy(train.reshape(views * n, 1, dim)),
-            torch.from_numpy(np.tile(train_labels, views).astype(np.float32)),
+            # views-major like the features: (label[, type]) rows repeated once per view
+            torch.from_numpy(np.concatenate([train_labels] * views).astype(np.float32)),
         )
         self.val_set = torch.utils.data.TensorDataset(
             torch.from_numpy(np.ascontiguousarray(val.transpose(1, 0, 2))),

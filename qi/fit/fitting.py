@@ -18,6 +18,7 @@ from qi.choices import metric_mode, validate_metric
 from qi.config import RunConfig
 from qi.data.datamodule import FeatureDataModule, InspectionDataModule, PreparedData
 from qi.data.embeddings import embeddings
+from qi.data.types import learnable_types
 from qi.fit.callbacks import (
     AttachedMLFlowLogger,
     Checkpoints,
@@ -52,14 +53,17 @@ def fit(
     train = config.train
     monitor = validate_metric(train.monitor)
     pl.seed_everything(train.seed, workers=True, verbose=False)
-    net = build_model(config.model, data.preprocess.channels, data.preprocess.image_size)
+    types = defect_types_to_learn(config, data)
+    net = build_model(
+        config.model, data.preprocess.channels, data.preprocess.image_size, defect_types=types
+    )
     if net.finetune == "head":  # a frozen encoder: train the head on its cached features
         datamodule = feature_datamodule(net, data, config, progress)
         learner: nn.Module = HeadOnViews(net.head)
     else:
-        datamodule, learner = InspectionDataModule(data, config.data), net
+        datamodule, learner = InspectionDataModule(data, config.data, types), net
     weight = data.positive_weight() if train.balance_classes else 1.0
-    module = InspectionModule(learner, train, positive_weight=weight)
+    module = InspectionModule(learner, train, positive_weight=weight, n_types=len(types))
     # channels_last: faster convolutions on CPU (oneDNN) and on GPU tensor cores alike
     module = module.to(memory_format=torch.channels_last)
     logger = None
@@ -125,12 +129,20 @@ def fit(
     )
 
 
+def defect_types_to_learn(config: RunConfig, data: PreparedData) -> tuple[str, ...]:
+    """The types the model learns: none under ``--defect-types off``, else those the data
+    names often enough (:func:`qi.data.types.learnable_types`)."""
+    if config.model.defect_types == "off":
+        return ()
+    return learnable_types(data.frame)
+
+
 def feature_datamodule(net, data: PreparedData, config: RunConfig, progress: bool):
     """Cached features of the frozen encoder: every flip/rotation of the training images
     (honest augmentation), the model's test-time views of the validation images; the head's
     standardisation is set from the training features."""
-    train_images, train_labels = data.split("train")
-    val_images, val_labels = data.split("val")
+    train_images, train_labels = data.targets("train", net.defect_types)
+    val_images, val_labels = data.targets("val", net.defect_types)
     train = embeddings(net, train_images, views=8, progress=progress)
     val = embeddings(net, val_images, views=config.model.test_time_views, progress=progress)
     net.head[0].set_from(torch.from_numpy(train.reshape(-1, train.shape[-1])))

@@ -1,5 +1,9 @@
 """The LightningModule: a binary defect classifier around any network, with per-stage metrics.
 
+A network that learns defect types adds the cross-entropy of its type logits over the
+defective images whose type it learns (target -1 elsewhere) to the defect's loss, with equal
+weight, and reports ``<stage>/type_macro_f1`` over those images.
+
 One shared :meth:`InspectionModule.model_step` for training and validation; the metrics of each
 stage are their own torchmetrics collection, logged as ``train/<m>`` and ``val/<m>`` per epoch
 (step = epoch). The test split is not scored here but by :mod:`qi.evaluation`, once, at the
@@ -11,6 +15,7 @@ from __future__ import annotations
 import lightning.pytorch as pl
 import torch
 from torch import nn
+from torch.nn import functional as F
 from torchmetrics import MetricCollection
 from torchmetrics.classification import (
     BinaryAccuracy,
@@ -18,6 +23,7 @@ from torchmetrics.classification import (
     BinaryF1Score,
     BinaryPrecision,
     BinaryRecall,
+    MulticlassF1Score,
 )
 
 from qi.config import TrainConfig
@@ -43,7 +49,9 @@ def classification_metrics() -> MetricCollection:
 class InspectionModule(pl.LightningModule):
     """Binary defect classifier around any :class:`InspectionNet`."""
 
-    def __init__(self, net: nn.Module, config: TrainConfig, positive_weight: float = 1.0):
+    def __init__(
+        self, net: nn.Module, config: TrainConfig, positive_weight: float = 1.0, n_types: int = 0
+    ):
         super().__init__()
         self.net = net
         self.config = config
@@ -51,6 +59,14 @@ class InspectionModule(pl.LightningModule):
         self.stage_metrics = nn.ModuleDict(
             {f"{stage}_metrics": classification_metrics() for stage in STAGES}
         )
+        self.n_types = n_types
+        if n_types:
+            self.type_metrics = nn.ModuleDict(
+                {
+                    f"{stage}_types": MulticlassF1Score(num_classes=n_types, average="macro")
+                    for stage in STAGES
+                }
+            )
         self.history: list[dict[str, float]] = []  # validation figures per epoch
 
     def forward(self, inputs: torch.Tensor) -> torch.Tensor:
@@ -76,11 +92,15 @@ class InspectionModule(pl.LightningModule):
         return [g for g in groups if g["params"]]
 
     def model_step(self, batch, stage: str) -> torch.Tensor:
-        inputs, labels = batch
+        inputs, targets = batch
         if inputs.dim() == 4:  # images; features are (N, views, D)
             inputs = inputs.contiguous(memory_format=torch.channels_last)
-        logits = self(inputs)
+        outputs = self.net.all_logits(inputs)
+        labels = targets[:, 0] if targets.dim() == 2 else targets
+        logits = outputs[:, 0]
         loss = self.loss_fn(logits, labels)
+        if self.n_types:
+            loss = loss + self._type_loss(outputs[:, 1:], targets[:, 1].long(), stage)
         self.stage_metrics[f"{stage}_metrics"].update(
             torch.sigmoid(logits.detach().float()), labels.long()
         )
@@ -94,6 +114,16 @@ class InspectionModule(pl.LightningModule):
         )
         return loss
 
+    def _type_loss(self, type_logits: torch.Tensor, types: torch.Tensor, stage: str):
+        known = types >= 0
+        if not known.any():
+            return type_logits.sum() * 0.0  # keeps the graph whole when a batch has none
+        logits, types = type_logits[known].float(), types[known]
+        self.type_metrics[f"{stage}_types"].update(logits.detach().argmax(1), types)
+        loss = F.cross_entropy(logits, types)
+        self.log(f"{stage}/type_loss", loss, on_step=False, on_epoch=True, batch_size=len(types))
+        return loss
+
     def training_step(self, batch, batch_idx):
         return self.model_step(batch, "train")
 
@@ -104,6 +134,11 @@ class InspectionModule(pl.LightningModule):
         metrics = self.stage_metrics[f"{stage}_metrics"]
         values = {f"{stage}/{k}": v for k, v in metrics.compute().items()}
         metrics.reset()
+        if self.n_types:
+            types = self.type_metrics[f"{stage}_types"]
+            if types.update_count:
+                values[f"{stage}/type_macro_f1"] = types.compute()
+            types.reset()
         # "step" makes Lightning log this epoch's figures at step=epoch: curves per epoch
         self.log_dict({**values, "step": float(self.current_epoch)}, prog_bar=False)
         return {k: float(v) for k, v in values.items()}
@@ -114,6 +149,8 @@ class InspectionModule(pl.LightningModule):
     def on_validation_epoch_end(self) -> None:
         if self.trainer.sanity_checking:
             self.stage_metrics["val_metrics"].reset()
+            if self.n_types:
+                self.type_metrics["val_types"].reset()
             return
         values = self._log_epoch_metrics("val")
         values["val/loss"] = float(self.trainer.callback_metrics.get("val/loss", float("nan")))

@@ -1,5 +1,9 @@
 """Networks by name. Every model takes uint8 (or float 0..255) images and returns one logit.
 
+A model that learns defect types (``defect_types``) has a head of ``1 + K`` outputs on the
+same features: the first is still the defect logit every threshold and metric reads, the
+other ``K`` are the logits of the types, meaningful for defective images only.
+
 :class:`InspectionNet` is ``normalise -> encoder -> head``. The input normalisation the
 encoder's weights were trained with lives inside the network, so a served model, a benchmark
 and training all feed it the same uint8 tensors. ``finetune`` says which part learns:
@@ -46,13 +50,18 @@ class InspectionNet(nn.Module):
         self.finetune = "all"
         self.test_time_views = 1
         self.pretrained = False  # the encoder starts from pretrained weights
+        self.defect_types: tuple[str, ...] = ()  # the type head's classes, in output order
 
     def embed(self, images: torch.Tensor) -> torch.Tensor:
         """The encoder's feature vector of each image (what a frozen-encoder head sees)."""
         return self.encoder((images.float() - self.mean) / self.std)
 
+    def all_logits(self, images: torch.Tensor) -> torch.Tensor:
+        """``(N, 1 + K)``: the defect logit, then the logits of the ``K`` defect types."""
+        return self.head(self.embed(images))  # (N, D) features -> (N, 1 + K)
+
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self.head(self.embed(images)).reshape(-1)
+        return self.all_logits(images)[:, 0]
 
     @property
     def feature_info(self) -> tuple[FeatureStage, ...]:
@@ -66,8 +75,17 @@ class InspectionNet(nn.Module):
 
     def probabilities(self, images: torch.Tensor) -> torch.Tensor:
         """Defect probability per image, averaged over ``test_time_views`` flips/rotations."""
-        views = [dihedral_view(images, k) for k in range(self.test_time_views)]
-        return torch.stack([torch.sigmoid(self(v).float()) for v in views]).mean(0)
+        return self.probabilities_and_types(images)[0]
+
+    def probabilities_and_types(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(defect probability ``(N,)``, type probabilities ``(N, K)``), each averaged over
+        ``test_time_views`` flips/rotations; ``K`` is 0 for a model without types."""
+        views = [
+            self.all_logits(dihedral_view(images, k)).float() for k in range(self.test_time_views)
+        ]
+        defect = torch.stack([torch.sigmoid(v[:, 0]) for v in views]).mean(0)
+        types = torch.stack([torch.softmax(v[:, 1:], dim=1) for v in views]).mean(0)
+        return defect, types
 
     def set_finetune(self, mode: str) -> None:
         """Freeze what ``mode`` keeps fixed (see the module docstring)."""
@@ -162,8 +180,14 @@ def is_pretrained(config: ModelConfig) -> bool:
     return config.name != "cnn" and config.pretrained not in (None, "", "none")
 
 
-def build_model(config: ModelConfig, channels: int, image_size: int | None = None) -> InspectionNet:
-    """The network for ``config`` and images of ``channels`` x ``image_size`` px.
+def build_model(
+    config: ModelConfig,
+    channels: int,
+    image_size: int | None = None,
+    defect_types: tuple[str, ...] = (),
+) -> InspectionNet:
+    """The network for ``config`` and images of ``channels`` x ``image_size`` px; with
+    ``defect_types``, its head also scores each of them.
 
     Raises ValueError naming the choices on an unknown name, WeightsNotFoundError when
     pretrained weights are not on disk, WeightsMismatchError when a file does not fit.
@@ -177,7 +201,9 @@ def build_model(config: ModelConfig, channels: int, image_size: int | None = Non
             encoder = architecture.encoder(config, channels, size)
     else:
         encoder = architecture.encoder(config, channels, size)
-    head = build_head(encoder.feature_dim, config.dropout, config.head_hidden)
+    head = build_head(
+        encoder.feature_dim, config.dropout, config.head_hidden, outputs=1 + len(defect_types)
+    )
     mean, std = architecture.mean, architecture.std
     if channels == 1:  # a gray image is the sum-of-filters stem's average channel
         mean, std = (sum(mean) / 3,), (sum(std) / 3,)
@@ -185,6 +211,7 @@ def build_model(config: ModelConfig, channels: int, image_size: int | None = Non
     net.set_finetune(config.finetune if is_pretrained(config) else "all")
     net.test_time_views = config.test_time_views
     net.pretrained = is_pretrained(config)
+    net.defect_types = tuple(defect_types)
     return net
 
 

@@ -54,13 +54,14 @@ class Standardize(nn.Module):
         return (x - self.mean) / self.scale
 
 
-def build_head(dim: int, dropout: float, hidden: int = 0) -> nn.Sequential:
-    """Feature vector -> one logit: a linear classifier, or one hidden layer of ``hidden``."""
+def build_head(dim: int, dropout: float, hidden: int = 0, outputs: int = 1) -> nn.Sequential:
+    """Feature vector -> ``outputs`` logits (the defect's, then the types'): a linear
+    classifier, or one hidden layer of ``hidden``, shared by all outputs."""
     layers: list[nn.Module] = [Standardize(dim), nn.Dropout(dropout)]
     if hidden > 0:
         layers += [nn.Linear(dim, hidden), nn.SiLU(), nn.Dropout(dropout)]
         dim = hidden
-    layers.append(nn.Linear(dim, 1))
+    layers.append(nn.Linear(dim, outputs))
     return nn.Sequential(*layers)
 
 
@@ -73,10 +74,16 @@ class HeadOnViews(nn.Module):
         super().__init__()
         self.head = head
 
-    def forward(self, features: torch.Tensor) -> torch.Tensor:
+    def all_logits(self, features: torch.Tensor) -> torch.Tensor:
+        """``(N, 1 + K)``: the defect logit and the type logits of the view-averaged
+        probabilities (log-probabilities for the types: their softmax is the average)."""
         n, views, dim = features.shape
-        logits = self.head(features.reshape(n * views, dim)).reshape(n, views)
+        logits = self.head(features.reshape(n * views, dim)).reshape(n, views, -1)
         if views == 1:
             return logits[:, 0]
-        probability = torch.sigmoid(logits.float()).mean(1)
-        return torch.logit(probability, eps=1e-6)
+        defect = torch.logit(torch.sigmoid(logits[..., 0].float()).mean(1), eps=1e-6)
+        types = torch.log(torch.softmax(logits[..., 1:].float(), dim=2).mean(1).clamp_min(1e-12))
+        return torch.cat([defect[:, None], types], dim=1)
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return self.all_logits(features)[:, 0]

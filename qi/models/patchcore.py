@@ -46,6 +46,7 @@ class PatchCoreNet(nn.Module):
     """uint8 ``(N, C, H, W)`` images -> defect probability; see the module docstring."""
 
     method = "anomaly"
+    defect_types: tuple[str, ...] = ()  # good images teach no type
 
     def __init__(
         self,

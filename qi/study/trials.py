@@ -209,7 +209,7 @@ class TrialRunner:
             )
         # only complete trials carry the objective: sorting the runs table by it ranks them
         log_metrics({"objective": value}, run_id)
-        save_trial_model(result.net, self._spec(config, data), run_id)
+        save_trial_model(result.net, self._spec(config, data, result.net), run_id)
         end_run(run_id, "FINISHED", {Tag.TRIAL_STATE: RunTrialState.COMPLETE})
         return value
 
@@ -234,9 +234,9 @@ class TrialRunner:
             )
         return fit(config, data, run_id=run_id, callbacks=callbacks, progress=self.progress)
 
-    def _spec(self, config: RunConfig, data: PreparedData) -> ModelSpec:
+    def _spec(self, config: RunConfig, data: PreparedData, net: torch.nn.Module) -> ModelSpec:
         if self.method != "anomaly":
-            return ModelSpec(config.model, data.preprocess)
+            return ModelSpec(config.model, data.preprocess, defect_types=net.defect_types)
         model = replace(config.model, name=detector_backbone(config.model))
         return ModelSpec(model, data.preprocess, method="anomaly", detector=config.detector)
 

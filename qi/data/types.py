@@ -1,0 +1,46 @@
+"""Which defect types a model can learn from a data set, and each image's type target.
+
+A type is learned when its training split holds :data:`MIN_TYPE_IMAGES` defective images or
+more, and at least :data:`MIN_TYPES` types qualify: with fewer images a type's recall would
+be measured on two or three test images, and one type alone is no choice to make. Defective
+images of a type that does not qualify still teach "defective"; their type target is
+:data:`NO_TYPE`, so the type head neither learns nor is scored on them.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+
+MIN_TYPE_IMAGES = 8
+MIN_TYPES = 2
+NO_TYPE = -1
+GOOD_TYPE = "none"  # discovery's defect_type of a good image
+
+
+def learnable_types(frame: pd.DataFrame) -> tuple[str, ...]:
+    """The defect types the type head learns, sorted (empty: too few types or images)."""
+    defective = frame[(frame["split"] == "train") & (frame["label"] == 1)]
+    counts = defective["defect_type"].value_counts()
+    kept = sorted(t for t, n in counts.items() if n >= MIN_TYPE_IMAGES and t not in ("", GOOD_TYPE))
+    return tuple(kept) if len(kept) >= MIN_TYPES else ()
+
+
+def type_targets(frame: pd.DataFrame, types: tuple[str, ...]) -> np.ndarray:
+    """Index of each row's defect type in ``types``; :data:`NO_TYPE` for good images and for
+    types not learned."""
+    index = {t: i for i, t in enumerate(types)}
+    return np.array(
+        [
+            index.get(t, NO_TYPE) if label == 1 else NO_TYPE
+            for t, label in zip(frame["defect_type"], frame["label"], strict=True)
+        ],
+        dtype=np.int64,
+    )
+
+
+def types_not_learned(frame: pd.DataFrame, types: tuple[str, ...]) -> dict[str, int]:
+    """Defect types in the training split that the type head does not learn, with counts."""
+    defective = frame[(frame["split"] == "train") & (frame["label"] == 1)]
+    counts = defective["defect_type"].value_counts()
+    return {t: int(n) for t, n in counts.items() if t not in types and t not in ("", GOOD_TYPE)}
