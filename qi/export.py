@@ -3,7 +3,8 @@
 The line's inference box often has no PyTorch. The export is one ONNX graph (torch's dynamo
 exporter, its current opset) that takes the preprocessed uint8 pixels ``(N, size, size, C)``
 with any batch size, normalises them as the network was trained (inside the graph, where it
-is exact), runs the network over its test-time views and returns the defect probability.
+is exact), runs the network over its test-time views and returns the defect probability (and, for a
+model that learned defect types, their probabilities: ``type_probabilities``).
 Decoding, channels and resizing stay outside the graph (OpenCV's resampling has no exact ONNX
 twin); they are written into the model's metadata and shown in ``score_onnx.py``
 (:mod:`qi.onnx_reference`), a qi-free script copied beside the model.
@@ -67,14 +68,18 @@ class Export:
 
 
 class _PixelsToProbability(torch.nn.Module):
-    """uint8 (N, H, W, C) pixels -> defect probability (N,): what the graph computes."""
+    """uint8 (N, H, W, C) pixels -> defect probability (N,), and with defect types learned
+    their probabilities (N, K): what the graph computes."""
 
     def __init__(self, net: InspectionNet) -> None:
         super().__init__()
         self.net = net
 
-    def forward(self, image: torch.Tensor) -> torch.Tensor:
-        return self.net.probabilities(image.permute(0, 3, 1, 2))
+    def forward(self, image: torch.Tensor):
+        images = image.permute(0, 3, 1, 2)
+        if self.net.defect_types:
+            return self.net.probabilities_and_types(images)
+        return self.net.probabilities(images)
 
 
 def write_onnx(net: InspectionNet, spec, path: Path, model_uri: str) -> int:
@@ -95,7 +100,7 @@ def write_onnx(net: InspectionNet, spec, path: Path, model_uri: str) -> int:
         str(path),
         dynamo=True,
         input_names=["image"],
-        output_names=["defect_probability"],
+        output_names=["defect_probability", "type_probabilities"][: 2 if net.defect_types else 1],
         dynamic_shapes={"image": {0: batch}},
         external_data=False,  # one self-contained file (up to ONNX's 2 GB)
         verbose=False,
@@ -112,6 +117,7 @@ def write_onnx(net: InspectionNet, spec, path: Path, model_uri: str) -> int:
         "the graph normalises",
         "qi.output": "defect_probability: float32 (N,); defective when >= qi.threshold",
         "qi.test_time_views": str(net.test_time_views),
+        "qi.defect_types": json.dumps(list(net.defect_types)),
         "qi.source_model": model_uri,
         "qi.version": qi.__version__,
     }
@@ -142,18 +148,28 @@ def check_parity(
         str(folder / MODEL_FILE), providers=["CPUExecutionProvider"]
     )
     config = script.settings(session)
+    names = config["defect_types"]
+    # with defect types, the type probabilities are compared too: one more column each
     exported, served = [], []
     for start in range(0, len(paths), batch_size):
         chunk = paths[start : start + batch_size]
-        exported.append(script.score(session, np.stack([script.load(p, config) for p in chunk])))
+        batch = np.stack([script.load(p, config) for p in chunk])
+        if names:
+            defect, types = script.score_types(session, batch)
+            exported.append(np.column_stack([defect, types]))
+        else:
+            exported.append(script.score(session, batch)[:, None])
         frame = pd.DataFrame({"image": [Path(p).read_bytes() for p in chunk]})
-        served.append(pyfunc.predict(frame)["defect_probability"].to_numpy())
-    onnx_scores, pyfunc_scores = np.concatenate(exported), np.concatenate(served)
+        answer = pyfunc.predict(frame, params={"type_probabilities": True} if names else None)
+        columns = ["defect_probability", *(f"type_probability.{n}" for n in names)]
+        served.append(answer[columns].to_numpy())
+    onnx_all, pyfunc_all = np.concatenate(exported), np.concatenate(served)
+    onnx_scores, pyfunc_scores = onnx_all[:, 0], pyfunc_all[:, 0]
     threshold = config["threshold"]
     differ = int((decide(onnx_scores, threshold) != decide(pyfunc_scores, threshold)).sum())
     return Parity(
         images=len(paths),
-        max_abs_difference=float(np.abs(onnx_scores - pyfunc_scores).max()),
+        max_abs_difference=float(np.abs(onnx_all - pyfunc_all).max()),
         decisions_differ=differ,
         tolerance=tolerance,
     )

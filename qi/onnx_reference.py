@@ -9,7 +9,9 @@ images, that it scores as the registered model does: this file *is* the preproce
 contract. The graph takes ``image``: uint8 ``(N, size, size, channels)``, the preprocessed
 pixels; it normalises them itself and returns ``defect_probability`` ``(N,)`` (averaged over
 the model's test-time views). A part is defective when its probability reaches the
-threshold stored in the model's metadata (``qi.threshold``).
+threshold stored in the model's metadata (``qi.threshold``). A model that learned defect
+types also returns ``type_probabilities`` ``(N, K)`` over the types named, in order, in
+``qi.defect_types``; a defective part's type is the most probable one, an ok part has none.
 
 The steps below repeat ``qi.data.preprocessing.preprocess`` with nothing but OpenCV: decode
 with the file's own depth and channels; 16-bit pixels stretched to 8 bits; alpha dropped as
@@ -35,6 +37,7 @@ def settings(session) -> dict:
         "clahe": meta["qi.clahe"] == "true",
         "threshold": float(meta["qi.threshold"]),
         "labels": json.loads(meta["qi.labels"]),
+        "defect_types": json.loads(meta.get("qi.defect_types", "[]")),
     }
 
 
@@ -93,6 +96,13 @@ def score(session, batch: np.ndarray) -> np.ndarray:
     return session.run(["defect_probability"], {"image": batch})[0]
 
 
+def score_types(session, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(defect probabilities ``(N,)``, type probabilities ``(N, K)``) of a model that
+    learned defect types."""
+    defect, types = session.run(["defect_probability", "type_probabilities"], {"image": batch})
+    return defect, types
+
+
 def main(argv: list[str]) -> None:
     import onnxruntime
 
@@ -101,10 +111,18 @@ def main(argv: list[str]) -> None:
     session = onnxruntime.InferenceSession(argv[0], providers=["CPUExecutionProvider"])
     config = settings(session)
     paths = argv[1:]
-    probabilities = score(session, np.stack([load(p, config) for p in paths]))
-    for path, probability in zip(paths, probabilities, strict=True):
-        label = config["labels"][int(probability >= config["threshold"])]
-        print(f"{path},{label},{probability:.6f}")
+    batch = np.stack([load(p, config) for p in paths])
+    names = config["defect_types"]
+    if names:
+        probabilities, types = score_types(session, batch)
+    else:
+        probabilities, types = score(session, batch), np.zeros((len(paths), 0))
+    for path, probability, kinds in zip(paths, probabilities, types, strict=True):
+        defective = probability >= config["threshold"]
+        line = f"{path},{config['labels'][int(defective)]},{probability:.6f}"
+        if names:
+            line += f",{names[int(kinds.argmax())]},{kinds.max():.6f}" if defective else ",,"
+        print(line)
 
 
 if __name__ == "__main__":

@@ -20,9 +20,11 @@ from tqdm.auto import tqdm
 
 from qi.data.discovery import IMAGE_EXTENSIONS
 from qi.data.preprocessing import ImageDecodeError, load_and_preprocess
-from qi.inference import LABELS, decide, defect_probabilities
+from qi.inference import LABELS, decide, probabilities_and_types, type_columns
 
 COLUMNS = ["file", "label", "defect_probability", "threshold", "error"]
+# a model that learned defect types adds these, after defect_probability
+TYPE_COLUMNS = ["defect_type", "defect_type_probability"]
 
 
 @dataclass
@@ -53,7 +55,9 @@ def list_images(inputs: list[Path]) -> list[Path]:
 def predict_files(
     model_uri: str, files: list[Path], batch_size: int = 64, progress: bool = True
 ) -> PredictionRun:
-    """One row per file: label, defect probability, threshold, or the error that stopped it."""
+    """One row per file: label, defect probability, threshold (and, for a model that learned
+    defect types, the type of a defective part with its probability), or the error that
+    stopped it."""
     model = mlflow.pyfunc.load_model(model_uri).unwrap_python_model()
     spec, net = model.spec, model.net
     rows: list[dict] = []
@@ -65,22 +69,29 @@ def predict_files(
             decoded = list(pool.map(lambda p: _load(p, spec.preprocess), chunk))
             good = [i for i, d in enumerate(decoded) if not isinstance(d, str)]
             scores = np.full(len(chunk), np.nan)
+            kinds = np.zeros((len(chunk), len(spec.defect_types)), np.float32)
             if good:
-                scores[good] = defect_probabilities(net, np.stack([decoded[i] for i in good]))
-            for path, item, score in zip(chunk, decoded, scores, strict=True):
+                scores[good], kinds[good] = probabilities_and_types(
+                    net, np.stack([decoded[i] for i in good])
+                )
+            decisions = decide(np.nan_to_num(scores, nan=0.0), spec.threshold)  # errors: 0
+            types = type_columns(decisions, kinds, spec.defect_types) if spec.defect_types else {}
+            for i, (path, item) in enumerate(zip(chunk, decoded, strict=True)):
                 error = item if isinstance(item, str) else ""
                 rows.append(
                     {
                         "file": str(path),
-                        "label": "" if error else LABELS[int(decide(score, spec.threshold))],
-                        "defect_probability": score,
+                        "label": "" if error else LABELS[decisions[i]],
+                        "defect_probability": scores[i],
                         "threshold": spec.threshold,
                         "error": error,
+                        **{column: values[i] for column, values in types.items()},
                     }
                 )
             bar.update(len(chunk))
     bar.close()
-    return PredictionRun(pd.DataFrame(rows, columns=COLUMNS), time.perf_counter() - started)
+    columns = COLUMNS[:3] + (TYPE_COLUMNS if spec.defect_types else []) + COLUMNS[3:]
+    return PredictionRun(pd.DataFrame(rows, columns=columns), time.perf_counter() - started)
 
 
 def _load(path: Path, preprocess) -> np.ndarray | str:

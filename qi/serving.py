@@ -40,10 +40,11 @@ import qi
 from qi.inference import (
     ModelSpec,
     decide,
-    defect_probabilities,
     label_names,
     load_network,
     prepare_batch,
+    probabilities_and_types,
+    type_columns,
 )
 from qi.models import InspectionNet
 from qi.tags import Artifact
@@ -192,14 +193,27 @@ with warnings.catch_warnings(record=True):
                 batch = prepare_batch(items, self.spec.preprocess)
             except ValueError as exc:
                 raise InvalidImageInput(str(exc)) from None
-            probabilities = defect_probabilities(self.net, batch)
+            types = self.spec.defect_types
+            if params.get("type_probabilities") and not types:
+                raise InvalidImageInput(
+                    "type_probabilities: this model learned no defect types (trained with "
+                    "--defect-types off, or on data naming fewer than 2 types)"
+                )
+            probabilities, type_probabilities = probabilities_and_types(self.net, batch)
+            decisions = decide(probabilities, threshold)
             frame = pd.DataFrame(
                 {
-                    "label": label_names(decide(probabilities, threshold)),
+                    "label": label_names(decisions),
                     "defect_probability": probabilities.astype(np.float64),
                     "threshold": threshold,
                 }
             )
+            if types:
+                for column, values in type_columns(decisions, type_probabilities, types).items():
+                    frame[column] = values
+            if params.get("type_probabilities"):
+                for i, name in enumerate(types):
+                    frame[f"type_probability.{name}"] = type_probabilities[:, i].astype(float)
             if params.get("explain"):
                 from qi.heatmaps import heatmaps, overlay_png
 
@@ -226,10 +240,18 @@ def _signature(threshold: float) -> mlflow.models.ModelSignature:
                 ColSpec("double", "defect_probability"),
                 ColSpec("double", "threshold"),
                 ColSpec("binary", "heatmap", required=False),  # with params={"explain": true}
+                # a model that learned defect types: the type of a defective part
+                ColSpec("string", "defect_type", required=False),
+                ColSpec("double", "defect_type_probability", required=False),
             ]
         ),
         params=ParamSchema(
-            [ParamSpec("threshold", "double", threshold), ParamSpec("explain", "boolean", False)]
+            [
+                ParamSpec("threshold", "double", threshold),
+                ParamSpec("explain", "boolean", False),
+                # adds a column type_probability.<type> per learned type
+                ParamSpec("type_probabilities", "boolean", False),
+            ]
         ),
     )
 
