@@ -32,6 +32,7 @@ from qi.evaluation.operating_point import (
     tradeoff,
     tradeoff_markdown,
 )
+from qi.evaluation.types import TypeEvaluation
 from qi.inference import LABELS, decide
 
 # test metrics a new model version may be compared on (keys of binary_metrics)
@@ -99,6 +100,7 @@ class Evaluation:
     by_defect_type: pd.DataFrame | None = None
     tradeoff: pd.DataFrame | None = None  # operating points on validation and test
     val_false_alarms: float | None = None  # share of good validation parts flagged
+    types: TypeEvaluation | None = None  # which defect: a model that learned types
 
     @property
     def predicted(self) -> np.ndarray:
@@ -132,6 +134,8 @@ class Evaluation:
             for j, pred in enumerate(LABELS):
                 flat[f"{prefix}/confusion_{true}_as_{pred}"] = float(matrix[i, j])
         flat["threshold"] = self.threshold
+        if self.types is not None:
+            flat |= self.types.metrics(prefix)
         return flat
 
 

@@ -2,8 +2,9 @@
 
 Artifacts under ``evaluation/``: confusion matrices (counts and normalised), the
 classification report (text and JSON), ROC and precision-recall curves, a grid of
-misclassified images, recall per defect type (CSV and bar chart) and ``summary.md`` that puts
-them together.
+misclassified images, recall per defect type (CSV and bar chart), for a model that learned
+defect types the (ok + types) confusion matrix, type report and most frequent confusions with
+example pairs, and ``summary.md`` that puts them together.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from sklearn.metrics import PrecisionRecallDisplay, RocCurveDisplay  # noqa: E40
 
 from qi.data.preprocessing import PreprocessConfig, load_and_preprocess  # noqa: E402
 from qi.evaluation.metrics import Evaluation  # noqa: E402
+from qi.evaluation.types import TypeEvaluation  # noqa: E402
 from qi.inference import LABELS  # noqa: E402
 from qi.tags import Artifact, Tag  # noqa: E402
 from qi.tracking import log_artifact_folder, log_metrics, set_tags  # noqa: E402
@@ -92,6 +94,71 @@ def _truth(row) -> str:
     if row["defect_type"] not in ("none", "defect"):
         truth = f"{truth} ({row['defect_type']})"
     return truth
+
+
+def plot_type_confusion(types: TypeEvaluation, path: Path) -> Path:
+    """The (ok + types) confusion matrix of the test split: counts and share of each row."""
+    size = 1.2 + 0.75 * len(types.classes)
+    fig, axes = plt.subplots(1, 2, figsize=(2 * size + 1.5, size))
+    for ax, normalize, title, fmt in (
+        (axes[0], None, "counts", "d"),
+        (axes[1], "true", "share of each true class", ".0%"),
+    ):
+        table = types.confusion(normalize)
+        sns.heatmap(table, annot=True, fmt=fmt, cmap="Blues", cbar=False, ax=ax)
+        ax.set_xlabel("predicted")
+        ax.set_ylabel("true")
+        ax.set_title(title)
+    fig.suptitle("Test split: ok and defect types")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def plot_type_confusion_pairs(types: TypeEvaluation, path: Path) -> Path | None:
+    """Each frequent confusion as a pair: an image of the true type that the model named
+    otherwise, beside an image of the type it named (one it named right)."""
+    confusions = types.frequent_confusions()
+    if confusions.empty:
+        return None
+    show = PreprocessConfig(image_size=160, color_mode="rgb")
+    fig, axes = plt.subplots(len(confusions), 2, figsize=(5, 2.6 * len(confusions)), squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for row, item in enumerate(confusions.itertuples()):
+        axes[row, 0].imshow(load_and_preprocess(item.example, show))
+        axes[row, 0].set_title(f"{item.true}, named {item.named}\n({item.images} such)", fontsize=8)
+        if item.named_example:
+            axes[row, 1].imshow(load_and_preprocess(item.named_example, show))
+            axes[row, 1].set_title(f"a {item.named}, named right", fontsize=8)
+    fig.suptitle("Most frequent type confusions", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def types_markdown(types: TypeEvaluation) -> list[str]:
+    """The summary's section on defect types."""
+    lines = [
+        "## Defect types",
+        "",
+        f"Among the {types.caught} caught defects of a learned type: type accuracy "
+        f"{types.caught_accuracy:.4f}, macro F1 of the types {types.caught_macro_f1:.4f}. "
+        "A part judged ok has no type.",
+        "",
+        "```",
+        types.report_text.rstrip(),
+        "```",
+        "",
+    ]
+    confusions = types.frequent_confusions()
+    if not confusions.empty:
+        lines += ["| true type | named | images |", "| --- | --- | --- |"]
+        lines += [f"| {r.true} | {r.named} | {r.images} |" for r in confusions.itertuples()]
+        lines.append("")
+    return lines
 
 
 def plot_misclassified(
@@ -276,8 +343,20 @@ def summary_markdown(evaluation: Evaluation, pictures: list[str], title: str) ->
                 f"| {row['recall']:.3f} |"
             )
         lines.append("")
+    if evaluation.types is not None:
+        lines += types_markdown(evaluation.types)
     lines += [f"![{Path(p).stem}]({Path(p).name})" for p in pictures]
     return "\n".join(lines) + "\n"
+
+
+def write_type_tables(types: TypeEvaluation, folder: Path) -> None:
+    """The type report (text, JSON), the confusion matrix (counts, normalised) and the
+    frequent confusions with their example images, as files in ``folder``."""
+    (folder / "type_report.txt").write_text(types.report_text)
+    (folder / "type_report.json").write_text(json.dumps(types.report, indent=2))
+    types.confusion().to_csv(folder / "type_confusion_counts.csv")
+    types.confusion("true").to_csv(folder / "type_confusion_normalised.csv")
+    types.frequent_confusions().to_csv(folder / "type_confusions.csv", index=False)
 
 
 def log_evaluation(
@@ -303,6 +382,14 @@ def log_evaluation(
                 plot_defect_gallery(evaluation, folder / "defect_gallery.png", explainer)
                 if explainer is not None
                 else None,
+                *(
+                    (
+                        plot_type_confusion(evaluation.types, folder / "type_confusion_matrix.png"),
+                        plot_type_confusion_pairs(evaluation.types, folder / "type_confusions.png"),
+                    )
+                    if evaluation.types is not None
+                    else ()
+                ),
             )
             if p is not None
         ]
@@ -312,6 +399,8 @@ def log_evaluation(
             evaluation.by_defect_type.to_csv(folder / "recall_by_defect_type.csv", index=False)
         if evaluation.tradeoff is not None:
             evaluation.tradeoff.to_csv(folder / "operating_points.csv", index=False)
+        if evaluation.types is not None:
+            write_type_tables(evaluation.types, folder)
         (folder / "summary.md").write_text(
             summary_markdown(evaluation, [str(p) for p in pictures], title)
         )

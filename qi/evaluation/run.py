@@ -12,9 +12,9 @@ from qi.config import DataConfig, TrackingConfig
 from qi.data.datamodule import PreparedData, prepare_data
 from qi.data.preprocessing import PreprocessConfig
 from qi.data.recorded import data_config_of_run, recorded_data
-from qi.evaluation.metrics import Evaluation, evaluation_from_scores
+from qi.evaluation.metrics import Evaluation
 from qi.evaluation.report import log_evaluation
-from qi.inference import defect_probabilities
+from qi.evaluation.scoring import evaluate
 from qi.tags import Kind, Tag
 from qi.tracking import configure_tracking, log_dataset, standard_tags, training_run
 
@@ -40,17 +40,8 @@ def evaluate_logged_model(
         clahe=preprocess.clahe,
     )
     data = model_test_data(model_uri, data_config, preprocess, good_only, progress)
-    images, labels = data.split("test")
-    scores = defect_probabilities(model.net, images)
-    val_images, val_labels = data.split("val")
-    evaluation = evaluation_from_scores(
-        labels,
-        scores,
-        data.split_frame("test"),
-        model.spec.threshold,
-        target_recall=None,
-        validation=(val_labels, defect_probabilities(model.net, val_images)),
-    )
+    # at the model's own threshold, with validation's trade-off table beside it
+    evaluation = evaluate(model.net, data, target_recall=None, threshold=model.spec.threshold)
     tags = standard_tags(data.digest, {Tag.KIND: Kind.EVALUATE, Tag.MODEL_URI: model_uri})
     with training_run(tracking, tags=tags) as run_id:
         mlflow.set_tags(tags)

@@ -9,7 +9,8 @@ from sklearn.metrics import log_loss
 from qi.data.datamodule import PreparedData
 from qi.evaluation.metrics import Evaluation, evaluation_from_scores
 from qi.evaluation.operating_point import choose_threshold
-from qi.inference import defect_probabilities
+from qi.evaluation.types import evaluate_types
+from qi.inference import defect_probabilities, probabilities_and_types
 from qi.models import InspectionNet
 
 
@@ -33,15 +34,17 @@ def evaluate(
     val_labels, val_scores = score_split(net, data, "val")
     if threshold is None:
         threshold = choose_threshold(val_labels, val_scores, target_recall)
-    labels, scores = score_split(net, data, split)
-    return evaluation_from_scores(
-        labels,
-        scores,
-        data.split_frame(split),
-        threshold,
-        target_recall,
-        validation=(val_labels, val_scores),
+    images, labels = data.split(split)
+    scores, type_probabilities = probabilities_and_types(net, images)
+    frame = data.split_frame(split)
+    evaluation = evaluation_from_scores(
+        labels, scores, frame, threshold, target_recall, validation=(val_labels, val_scores)
     )
+    if net.defect_types:
+        evaluation.types = evaluate_types(
+            frame, evaluation.predicted, type_probabilities, net.defect_types
+        )
+    return evaluation
 
 
 def views_on_validation(net, images: np.ndarray, labels: np.ndarray, views: int = 8) -> int:

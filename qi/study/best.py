@@ -240,6 +240,20 @@ def model_description(evaluation: Evaluation, config: TuneConfig, best) -> str:
         f"{evaluation.threshold:.4f} ({origin}). Input: DataFrame column 'image' of encoded "
         "image bytes; output: label, defect_probability, threshold."
     )
+    if evaluation.types is not None:
+        t = evaluation.types
+        text += (
+            f"\n\nDefect types ({', '.join(t.types)}): among the {t.caught} caught test "
+            f"defects, type accuracy {t.caught_accuracy:.4f}, macro F1 {t.caught_macro_f1:.4f}; "
+            "defective rows also carry defect_type and defect_type_probability (params "
+            "type_probabilities=true: every type's). The (ok + types) confusion matrix and "
+            "report are on the run, under evaluation/."
+        )
+    elif kind:
+        text += (
+            "\n\nNo defect types: a detector learns from good images only, so it says "
+            "whether a part is defective, not which defect."
+        )
     if evaluation.warning:
         text += f"\n\n**{evaluation.warning}**"
     if evaluation.tradeoff is not None:

@@ -1,0 +1,164 @@
+"""Which defect, not only whether: types learned, served, exported and reported."""
+
+import json
+from dataclasses import replace
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import pandas as pd
+import pytest
+from click.testing import CliRunner
+
+from qi.cli import cli
+from qi.config import ModelConfig, SynthConfig
+from qi.data import synth
+from qi.data.types import MIN_TYPE_IMAGES, NO_TYPE, learnable_types, type_targets
+from qi.evaluation.types import NOT_LEARNED, evaluate_types
+from qi.inference import ModelSpec
+from qi.train import train
+
+# five types, about 16 training images each after the split: enough to learn them
+TYPED_SYNTH = SynthConfig(n_train=200, n_test=60, image_size=48, seed=5)
+CASTING_TYPES = ("blow_hole", "chipped_edge", "crack", "pin_holes", "scratch_burr")
+
+
+@pytest.fixture(scope="module")
+def typed_casting(tmp_path_factory):
+    return synth.generate(tmp_path_factory.mktemp("typed"), TYPED_SYNTH, progress=False)
+
+
+def _frame(counts: dict[str, int], split: str = "train") -> pd.DataFrame:
+    rows = [("ok.png", 0, "none", split)] * 5
+    for kind, n in counts.items():
+        rows += [(f"{kind}{i}.png", 1, kind, split) for i in range(n)]
+    return pd.DataFrame(rows, columns=["image_path", "label", "defect_type", "split"])
+
+
+def test_the_rule_two_types_with_enough_training_images():
+    enough, short = MIN_TYPE_IMAGES, MIN_TYPE_IMAGES - 1
+    assert learnable_types(_frame({"crack": enough, "burr": enough, "hole": short})) == (
+        "burr",
+        "crack",
+    )
+    assert learnable_types(_frame({"crack": enough, "hole": short})) == ()  # one type: no choice
+    assert learnable_types(_frame({"crack": 50, "burr": 50}, split="test")) == ()  # train only
+    frame = _frame({"crack": enough, "burr": enough, "hole": short})
+    targets = type_targets(frame, ("burr", "crack"))
+    assert set(targets[frame["defect_type"] == "hole"]) == {NO_TYPE}  # not learned
+    assert set(targets[frame["label"] == 0]) == {NO_TYPE}
+    assert set(targets[frame["defect_type"] == "crack"]) == {1}
+
+
+def test_type_figures_count_only_caught_defects():
+    frame = pd.DataFrame(
+        {
+            "image_path": [f"{i}.png" for i in range(6)],
+            "label": [0, 1, 1, 1, 1, 1],
+            "defect_type": ["none", "crack", "crack", "burr", "burr", "hole"],
+        }
+    )
+    decisions = np.array([0, 1, 0, 1, 1, 1])  # the second crack is missed
+    # columns (burr, crack): crack named crack, -, burr named crack, burr named burr, and
+    # the unlearned hole named burr
+    probabilities = np.array(
+        [[0.5, 0.5], [0.1, 0.9], [0.5, 0.5], [0.2, 0.8], [0.9, 0.1], [0.6, 0.4]]
+    )
+    types = evaluate_types(frame, decisions, probabilities, ("burr", "crack"))
+    assert types.caught == 3 and types.caught_accuracy == pytest.approx(2 / 3)
+    assert list(types.truth) == ["ok", "crack", "crack", "burr", "burr", NOT_LEARNED]
+    assert list(types.predicted) == ["ok", "crack", "ok", "crack", "burr", "burr"]
+    confusion = types.confusion()
+    assert confusion.loc["crack", "ok"] == 1 and confusion.loc["burr", "crack"] == 1
+    assert confusion.loc[NOT_LEARNED, "burr"] == 1  # shown, never scored
+    mistakes = types.frequent_confusions()
+    assert mistakes.iloc[0][["true", "named", "images"]].tolist() == ["burr", "crack", 1]
+    assert mistakes.iloc[0]["example"] == "3.png" and mistakes.iloc[0]["named_example"] == "1.png"
+
+
+def test_a_model_before_types_loads_without_them():
+    spec = json.loads(ModelSpec(ModelConfig(), preprocess=_preprocess()).to_json())
+    del spec["defect_types"]
+    assert ModelSpec.from_json(json.dumps(spec)).defect_types == ()
+
+
+def _preprocess():
+    from qi.data.preprocessing import PreprocessConfig
+
+    return PreprocessConfig(image_size=32)
+
+
+def test_types_are_learned_served_predicted_exported_and_reported(
+    typed_casting, tiny_config, tmp_path
+):
+    config = replace(
+        tiny_config,
+        data=replace(tiny_config.data, data_dir=typed_casting),
+        train=replace(tiny_config.train, epochs=3),
+    )
+    outcome = train(config, progress=False)
+    model = mlflow.pyfunc.load_model(outcome.model_uri)
+    assert model.unwrap_python_model().spec.defect_types == CASTING_TYPES
+
+    run = mlflow.get_run(outcome.run_id)
+    for name in ("test/type_macro_f1", "test/type_accuracy_caught", "val/type_macro_f1"):
+        assert 0.0 <= run.data.metrics[name] <= 1.0, name
+    logged = {a.path for a in mlflow.MlflowClient().list_artifacts(outcome.run_id, "evaluation")}
+    for name in ("type_report.json", "type_confusion_counts.csv", "type_confusion_matrix.png"):
+        assert f"evaluation/{name}" in logged
+    summary = mlflow.artifacts.load_text(f"runs:/{outcome.run_id}/evaluation/summary.md")
+    assert "## Defect types" in summary and "macro avg" in summary
+
+    test = outcome.data.split_frame("test")
+    images = pd.DataFrame({"image": [Path(p).read_bytes() for p in test["image_path"]]})
+    answer = model.predict(images, params={"type_probabilities": True})
+    defective = answer["label"] == "defective"
+    assert defective.any() and (~defective).any()
+    assert answer.loc[defective, "defect_type"].isin(CASTING_TYPES).all()
+    assert answer.loc[~defective, "defect_type"].isna().all()  # an ok part has no type
+    assert answer.loc[~defective, "defect_type_probability"].isna().all()
+    shares = answer[[f"type_probability.{t}" for t in CASTING_TYPES]].to_numpy()
+    assert np.allclose(shares.sum(1), 1.0, atol=1e-5)
+    assert np.allclose(
+        answer.loc[defective, "defect_type_probability"], shares[defective.to_numpy()].max(1)
+    )
+
+    csv = tmp_path / "predictions.csv"
+    folder = str(typed_casting / "test")
+    result = CliRunner().invoke(
+        cli, ["predict", "--model", outcome.model_uri, folder, "-o", str(csv), "--no-progress"]
+    )
+    assert result.exit_code == 0, result.output
+    table = pd.read_csv(csv, keep_default_na=False)
+    assert {"defect_type", "defect_type_probability"} <= set(table.columns)
+    assert set(table.loc[table["label"] == "ok", "defect_type"]) == {""}
+
+    out = tmp_path / "onnx"
+    result = CliRunner().invoke(cli, ["export", "--model", outcome.model_uri, "-o", str(out)])
+    assert result.exit_code == 0, result.output
+    parity = json.loads((out / "parity.json").read_text())  # type probabilities compared too
+    assert parity["decisions_differ"] == 0 and parity["max_abs_difference"] <= 1e-4
+
+
+def test_a_frozen_head_learns_types_from_cached_features(typed_casting, tiny_config):
+    config = replace(
+        tiny_config,
+        data=replace(tiny_config.data, data_dir=typed_casting),
+        model=ModelConfig(name="efficientnet_lite0", finetune="head", test_time_views=2),
+        train=replace(tiny_config.train, epochs=2),
+    )
+    outcome = train(config, progress=False)
+    assert outcome.result.net.defect_types == CASTING_TYPES
+    assert outcome.evaluation.types is not None and outcome.evaluation.types.caught > 0
+
+
+def test_without_types_the_columns_stay_as_before_and_asking_for_them_is_one_line(tiny_config):
+    off = replace(tiny_config, model=replace(tiny_config.model, defect_types="off"))
+    outcome = train(off, progress=False)
+    model = mlflow.pyfunc.load_model(outcome.model_uri)
+    image = Path(outcome.data.split_frame("test")["image_path"][0]).read_bytes()
+    answer = model.predict(pd.DataFrame({"image": [image]}))
+    assert list(answer.columns) == ["label", "defect_probability", "threshold"]
+    with pytest.raises(Exception, match="learned no defect types") as refused:
+        model.predict(pd.DataFrame({"image": [image]}), params={"type_probabilities": True})
+    assert "\n" not in str(refused.value)
