@@ -15,14 +15,15 @@ from tests.helpers import make_class_folders, make_mvtec
 def test_splits_are_stratified_and_reproducible(tmp_path):
     make_class_folders(tmp_path, {"ok": 40, "scratch": 20, "dent": 20})
     frame = discover(tmp_path).frame
-    a = assign_splits(frame.copy(), 0.15, 0.15, seed=1)
-    b = assign_splits(frame.sample(frac=1, random_state=9), 0.15, 0.15, seed=1)
+    # draws hash the path relative to the root: the same wherever pytest puts tmp_path
+    a = assign_splits(frame.copy(), 0.15, 0.15, seed=1, root=tmp_path)
+    b = assign_splits(frame.sample(frac=1, random_state=9), 0.15, 0.15, seed=1, root=tmp_path)
     assert a.equals(b)  # input order does not matter
     counts = a.groupby(["split", "defect_type"]).size().unstack()
     assert (counts > 0).all().all()  # every defect type in every split
     # each file's own draw: 12 expected of 80, within the binomial spread (sd 3.2)
     assert 5 <= counts.loc["test"].sum() <= 19 and 5 <= counts.loc["val"].sum() <= 19
-    c = assign_splits(frame.copy(), 0.15, 0.15, seed=2)
+    c = assign_splits(frame.copy(), 0.15, 0.15, seed=2, root=tmp_path)
     assert not a["split"].equals(c["split"])
 
 
