@@ -189,16 +189,15 @@ def type_columns(
     decisions: np.ndarray, type_probabilities: np.ndarray, types: tuple[str, ...]
 ) -> dict[str, np.ndarray]:
     """``defect_type`` and ``defect_type_probability`` per image: the most probable learned
-    type of a part judged defective; an ok part has no type (None and NaN)."""
+    type of a part judged defective; an ok part has no type. Both are object arrays holding
+    None for ok parts, so a REST answer carries ``null`` there (NaN is not JSON)."""
     best = type_probabilities.argmax(1)
     defective = np.asarray(decisions, dtype=bool)
     names = np.asarray(types, dtype=object)[best]
-    return {
-        "defect_type": np.where(defective, names, None),
-        "defect_type_probability": np.where(
-            defective, type_probabilities[np.arange(len(best)), best], np.nan
-        ).astype(np.float64),
-    }
+    chosen = type_probabilities[np.arange(len(best)), best].astype(np.float64)
+    shares = np.empty(len(best), dtype=object)
+    shares[:] = [float(p) if d else None for p, d in zip(chosen, defective, strict=True)]
+    return {"defect_type": np.where(defective, names, None), "defect_type_probability": shares}
 
 
 def prepare_batch(items: list, config: PreprocessConfig) -> np.ndarray:

@@ -210,7 +210,8 @@ with warnings.catch_warnings(record=True):
             )
             if types:
                 for column, values in type_columns(decisions, type_probabilities, types).items():
-                    frame[column] = values
+                    # object, not pandas' str dtype: None stays None and REST sends null
+                    frame[column] = pd.Series(values, dtype=object, index=frame.index)
             if params.get("type_probabilities"):
                 for i, name in enumerate(types):
                     frame[f"type_probability.{name}"] = type_probabilities[:, i].astype(float)

@@ -1,5 +1,6 @@
 """Which defect, not only whether: types learned, served, exported and reported."""
 
+import io
 import json
 from dataclasses import replace
 from pathlib import Path
@@ -120,8 +121,17 @@ def test_types_are_learned_served_predicted_exported_and_reported(
     shares = answer[[f"type_probability.{t}" for t in CASTING_TYPES]].to_numpy()
     assert np.allclose(shares.sum(1), 1.0, atol=1e-5)
     assert np.allclose(
-        answer.loc[defective, "defect_type_probability"], shares[defective.to_numpy()].max(1)
+        answer.loc[defective, "defect_type_probability"].astype(float),
+        shares[defective.to_numpy()].max(1),
     )
+    # what the scoring server sends: strict JSON, null (not NaN) where an ok part has no type
+    from mlflow.pyfunc.scoring_server import predictions_to_json
+
+    sent = io.StringIO()
+    predictions_to_json(answer, sent)
+    rows = json.loads(sent.getvalue(), parse_constant=lambda name: pytest.fail(name))
+    ok_row = rows["predictions"][int(np.flatnonzero(~defective.to_numpy())[0])]
+    assert ok_row["defect_type"] is None and ok_row["defect_type_probability"] is None
 
     csv = tmp_path / "predictions.csv"
     folder = str(typed_casting / "test")
