@@ -172,3 +172,15 @@ def test_without_types_the_columns_stay_as_before_and_asking_for_them_is_one_lin
     with pytest.raises(Exception, match="learned no defect types") as refused:
         model.predict(pd.DataFrame({"image": [image]}), params={"type_probabilities": True})
     assert "\n" not in str(refused.value)
+
+
+def test_a_type_metric_without_types_to_learn_is_one_line(typed_casting, tmp_path):
+    result = CliRunner().invoke(
+        cli,
+        ["tune", "--data-dir", str(typed_casting), "--tracking-uri", f"sqlite:///{tmp_path}/m.db",
+         "--storage", str(tmp_path / "study.log"), "--metric", "val/type_macro_f1",
+         "--defect-types", "off", "--no-progress"],
+    )  # fmt: skip
+    assert result.exit_code != 0 and "Traceback" not in result.output
+    (error,) = [line for line in result.output.splitlines() if line.startswith("Error:")]
+    assert "--metric val/type_macro_f1" in error and "learn no defect types" in error

@@ -13,9 +13,12 @@ from optuna.trial import TrialState
 
 from qi.anomaly.fitting import MIN_VALIDATION_DEFECTS, NoDefectsToJudge, validation_defects
 from qi.anomaly.method import choose_method
-from qi.choices import metric_mode, validate_metric
+from qi.choices import TYPE_METRICS, metric_mode, validate_metric
 from qi.config import RunConfig, TuneConfig, to_dict
 from qi.data.datamodule import PreparedData, check_data_dir
+from qi.data.discovery import DataLayoutError
+from qi.data.types import MIN_TYPE_IMAGES, MIN_TYPES
+from qi.fit.fitting import defect_types_to_learn
 from qi.interrupts import checkpoint
 from qi.locks import check_lockable
 from qi.storage import (
@@ -94,6 +97,7 @@ def tune(
     first = data.get(base.data.image_size)
     if method == "anomaly":
         check_detector_study(first, config)
+    check_type_metric(config.metric, method, defect_types_to_learn(base, first), first)
     check_study_method(study, method, config.study_name)
     tags = standard_tags(
         first.digest,
@@ -160,6 +164,24 @@ def check_detector_study(data: PreparedData, config: TuneConfig) -> None:
             f"qi tune --method anomaly ranks detector settings by {config.metric} on defective "
             f"validation images; {data.root} has {defects} (needs {MIN_VALIDATION_DEFECTS}): "
             "add labelled defects, or fit one detector with qi train --method anomaly"
+        )
+
+
+def check_type_metric(metric: str, method: str, types: tuple[str, ...], data: PreparedData) -> None:
+    """A type metric ranks trials by how well they name defect types: a study whose models
+    learn none would rank them all by nothing. One line, before any trial."""
+    if metric.rsplit("/", 1)[-1] not in TYPE_METRICS:
+        return
+    if method == "anomaly":
+        raise DataLayoutError(
+            f"--metric {metric}: a detector trained on good images learns no defect types; "
+            "use the default --metric, or --method classifier with labelled defect types"
+        )
+    if not types:
+        raise DataLayoutError(
+            f"--metric {metric}: the models of this study learn no defect types ({data.root} "
+            f"names fewer than {MIN_TYPES} types with {MIN_TYPE_IMAGES}+ training images each, "
+            "or --defect-types off): use the default --metric"
         )
 
 
