@@ -16,10 +16,12 @@ from qi.anomaly.localisation import add_pixel_auroc
 from qi.anomaly.method import choose_method
 from qi.config import RunConfig
 from qi.data.datamodule import PreparedData, check_data_dir, prepare_data
+from qi.data.types import types_warning
 from qi.evaluation.metrics import Evaluation
 from qi.evaluation.report import log_evaluation
 from qi.evaluation.scoring import evaluate
 from qi.fit import FitResult, fit
+from qi.fit.fitting import defect_types_to_learn
 from qi.inference import ModelSpec
 from qi.interrupts import checkpoint
 from qi.models.patchcore import detector_backbone
@@ -62,6 +64,10 @@ def train(config: RunConfig, progress: bool = True) -> TrainOutcome:
     log.info("method: %s (%s)", method, why)
     if method == "anomaly":
         data = detector_data(data, config.data.seed)
+    elif config.model.defect_types != "off":
+        warning = types_warning(data.frame, defect_types_to_learn(config, data))
+        if warning:
+            log.warning("%s", warning)
     log.info(
         "data: %s layout at %s, %d images\n%s",
         data.layout,

@@ -184,3 +184,42 @@ def test_a_type_metric_without_types_to_learn_is_one_line(typed_casting, tmp_pat
     assert result.exit_code != 0 and "Traceback" not in result.output
     (error,) = [line for line in result.output.splitlines() if line.startswith("Error:")]
     assert "--metric val/type_macro_f1" in error and "learn no defect types" in error
+
+
+def test_a_types_table_that_disagrees_with_the_folder_is_named_by_line(tmp_path, caplog):
+    from qi.data.discovery import DataLayoutError, discover
+    from tests.helpers import make_class_folders
+
+    make_class_folders(tmp_path, {"good": 4, "defect": 4})
+    defects = sorted(p.relative_to(tmp_path).as_posix() for p in (tmp_path / "defect").iterdir())
+    good = sorted(p.relative_to(tmp_path).as_posix() for p in (tmp_path / "good").iterdir())
+    table = tmp_path / "defect_types.csv"
+    table.write_text(
+        "path,defect_type\n"
+        f"{defects[0]},crack\n"
+        "defect/missing.png,crack\n"  # line 3: no such file
+        f"{good[0]},burr\n"  # line 4: a good image given a defect's type
+        f"{good[1]},none\n"  # a good image marked good: fine
+    )
+    with caplog.at_level("WARNING", logger="qi.data.discovery"):
+        frame = discover(tmp_path).frame
+    assert frame.loc[frame["image_path"].str.endswith(defects[0]), "defect_type"].item() == "crack"
+    warnings = [r.getMessage() for r in caplog.records]
+    assert len(warnings) == 2
+    assert "line 3: defect/missing.png is not an image of" in warnings[0]
+    assert f"line 4: {good[0]} is a good image typed 'burr'" in warnings[1]
+    table.write_text(f"path,defect_type\n{defects[1]},good\n")
+    typed_good = f"line 2: {defects[1]} is defective but typed 'good'"
+    with pytest.raises(DataLayoutError, match=typed_good):
+        discover(tmp_path)
+
+
+def test_types_too_rare_to_learn_are_named_in_one_line():
+    from qi.data.types import types_warning
+
+    frame = _frame({"burr": MIN_TYPE_IMAGES, "crack": MIN_TYPE_IMAGES, "hole": 1})
+    line = types_warning(frame, learnable_types(frame))
+    assert "hole (1)" in line and "never named" in line and "\n" not in line
+    alone = _frame({"burr": MIN_TYPE_IMAGES, "hole": 2})
+    assert "no defect types learned" in types_warning(alone, learnable_types(alone))
+    assert types_warning(_frame({"defective": 30}), ()) is None  # one kind: nothing to say

@@ -23,10 +23,15 @@ layout fixes it, else empty; :func:`qi.data.splits.assign_splits` fills the rest
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
+
+from qi.data.types import GOOD_TYPE
+
+log = logging.getLogger(__name__)
 
 IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff"})
 GOOD_CLASS_NAMES = (
@@ -177,18 +182,48 @@ def _read_split_folders(root: Path, ok_class: str | None) -> tuple[list[dict], s
     return rows, ok
 
 
-def _apply_manifest(frame: pd.DataFrame, root: Path) -> pd.DataFrame:
+MANIFEST_WARNINGS = 5  # bad rows named one by one; the rest counted
+
+
+def _apply_manifest(frame: pd.DataFrame, root: Path, ok_class: str) -> pd.DataFrame:
+    """Refine defective images' types from ``defect_types.csv``. A row naming a missing file
+    or a good image is ignored with a warning naming the row; a defective image typed as the
+    good class is an error (the folder and the table disagree about the part)."""
     for name in MANIFEST_NAMES:
         manifest = root / name
         if not manifest.is_file():
             continue
-        table = pd.read_csv(manifest)
+        table = pd.read_csv(manifest, dtype=str, keep_default_na=False)
         if not {"path", "defect_type"} <= set(table.columns):
             raise DataLayoutError(f"{manifest} needs the columns 'path' and 'defect_type'")
-        types = {
-            str((root / p).resolve()): t
-            for p, t in zip(table["path"], table["defect_type"], strict=True)
-        }
+        labels = dict(zip(frame["image_path"], frame["label"], strict=True))
+        good_names = {ok_class.lower(), GOOD_TYPE, *GOOD_CLASS_NAMES}
+        types: dict[str, str] = {}
+        ignored: list[str] = []
+        for row, (path, kind) in enumerate(zip(table["path"], table["defect_type"], strict=True)):
+            line = row + 2  # the header is line 1
+            key = str((root / path).resolve())
+            if key not in labels:
+                ignored.append(f"{manifest} line {line}: {path} is not an image of {root}")
+            elif labels[key] == 0:
+                if kind.strip() and kind.strip().lower() not in good_names:
+                    ignored.append(
+                        f"{manifest} line {line}: {path} is a good image typed '{kind}'; the "
+                        "type is ignored (move the file to a defect folder if it is defective)"
+                    )
+            elif not kind.strip():
+                ignored.append(f"{manifest} line {line}: {path} has no defect_type")
+            elif kind.strip().lower() in good_names:
+                raise DataLayoutError(
+                    f"{manifest} line {line}: {path} is defective but typed '{kind}', the good "
+                    "class's name: name its defect, or move the file to the good folder"
+                )
+            else:
+                types[key] = kind.strip()
+        for message in ignored[:MANIFEST_WARNINGS]:
+            log.warning("%s", message)
+        if len(ignored) > MANIFEST_WARNINGS:
+            log.warning("%s: %d more rows ignored", manifest, len(ignored) - MANIFEST_WARNINGS)
         known = frame["image_path"].map(types)
         defective = frame["label"] == 1
         frame.loc[defective & known.notna(), "defect_type"] = known[defective & known.notna()]
@@ -224,5 +259,5 @@ def discover(data_dir: Path | str, ok_class: str | None = None) -> DiscoveredDat
     frame = pd.DataFrame(rows, columns=COLUMNS)
     if frame.empty:
         raise DataLayoutError(f"no images ({', '.join(sorted(IMAGE_EXTENSIONS))}) found in {root}")
-    frame = _apply_manifest(frame, root)
+    frame = _apply_manifest(frame, root, ok)
     return DiscoveredData(frame=frame.reset_index(drop=True), layout=layout, root=root, ok_class=ok)

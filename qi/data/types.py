@@ -44,3 +44,23 @@ def types_not_learned(frame: pd.DataFrame, types: tuple[str, ...]) -> dict[str, 
     defective = frame[(frame["split"] == "train") & (frame["label"] == 1)]
     counts = defective["defect_type"].value_counts()
     return {t: int(n) for t, n in counts.items() if t not in types and t not in ("", GOOD_TYPE)}
+
+
+def types_warning(frame: pd.DataFrame, types: tuple[str, ...]) -> str | None:
+    """One line when the data names defect types the model will not learn (too few training
+    images), so a user sees why a type never comes back; None when there is nothing to say
+    (every named type learned, or the data names one kind of defect only)."""
+    short = types_not_learned(frame, types)
+    if not short or len(short) + len(types) < MIN_TYPES:
+        return None
+    listed = ", ".join(f"{t} ({n})" for t, n in sorted(short.items(), key=lambda kv: -kv[1]))
+    rule = f"{MIN_TYPE_IMAGES}+ training images each"
+    if types:
+        return (
+            f"defect types with too few training images (needs {rule}) are learned as "
+            f"defective but never named: {listed}"
+        )
+    return (
+        f"no defect types learned (needs {MIN_TYPES}+ types with {rule}): {listed}; the model "
+        "says whether a part is defective, not which defect"
+    )

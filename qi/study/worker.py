@@ -17,7 +17,7 @@ from qi.choices import TYPE_METRICS, metric_mode, validate_metric
 from qi.config import RunConfig, TuneConfig, to_dict
 from qi.data.datamodule import PreparedData, check_data_dir
 from qi.data.discovery import DataLayoutError
-from qi.data.types import MIN_TYPE_IMAGES, MIN_TYPES
+from qi.data.types import MIN_TYPE_IMAGES, MIN_TYPES, types_warning
 from qi.fit.fitting import defect_types_to_learn
 from qi.interrupts import checkpoint
 from qi.locks import check_lockable
@@ -97,7 +97,12 @@ def tune(
     first = data.get(base.data.image_size)
     if method == "anomaly":
         check_detector_study(first, config)
-    check_type_metric(config.metric, method, defect_types_to_learn(base, first), first)
+    types = defect_types_to_learn(base, first) if method == "classifier" else ()
+    check_type_metric(config.metric, method, types, first)
+    if method == "classifier" and base.model.defect_types != "off":
+        warning = types_warning(first.frame, types)
+        if warning:
+            log.warning("%s", warning)
     check_study_method(study, method, config.study_name)
     tags = standard_tags(
         first.digest,
