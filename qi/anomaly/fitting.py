@@ -140,7 +140,8 @@ def fit_detector(config: RunConfig, data: PreparedData) -> tuple[FitResult, Dete
     measured = defects >= MIN_VALIDATION_DEFECTS
     if measured:
         probabilities = net.calibrated(torch.from_numpy(val_raw)).numpy()
-        threshold = choose_threshold(val_labels, probabilities, target)
+        # its 0.5 is a quantile of good scores, not a trained boundary: nothing to defend
+        threshold = choose_threshold(val_labels, probabilities, target, require_evidence=False)
         logit = math.log(max(threshold, 1e-7) / max(1 - threshold, 1e-7))
         net.centre.fill_(quantile + scale * logit)
     probabilities = net.calibrated(torch.from_numpy(val_raw)).numpy()

@@ -237,7 +237,8 @@ def describe_evaluation(evaluation) -> str:
         f"test at threshold {evaluation.threshold:.3f}: accuracy {m['acc']:.4f}, "
         f"F1 {m['f1']:.4f}, defect recall {m['defect_recall']:.4f}, ROC AUC {m['auroc']:.4f}"
         f", log loss {m['log_loss']:.4f} (at 0.5: accuracy {h['acc']:.4f}, F1 {h['f1']:.4f}, "
-        f"defect recall {h['defect_recall']:.4f})"
+        f"defect recall {h['defect_recall']:.4f})",
+        f"threshold {evaluation.threshold:.3f}: {evaluation.threshold_origin}",
     ]
     if "pixel_auroc" in m:  # a detector on data with defect masks
         lines.append(

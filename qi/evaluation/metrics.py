@@ -29,6 +29,7 @@ from qi import choices
 from qi.evaluation.operating_point import (
     false_alarm_warning,
     rates,
+    threshold_origin,
     tradeoff,
     tradeoff_markdown,
 )
@@ -101,6 +102,13 @@ class Evaluation:
     tradeoff: pd.DataFrame | None = None  # operating points on validation and test
     val_false_alarms: float | None = None  # share of good validation parts flagged
     types: TypeEvaluation | None = None  # which defect: a model that learned types
+    # share of validation resamples in which the balanced threshold beat 0.5 (None: not
+    # weighed: a target recall, or a model with its own threshold)
+    threshold_evidence: float | None = None
+
+    @property
+    def threshold_origin(self) -> str:
+        return threshold_origin(self.target_recall, self.threshold_evidence)
 
     @property
     def predicted(self) -> np.ndarray:
@@ -134,6 +142,8 @@ class Evaluation:
             for j, pred in enumerate(LABELS):
                 flat[f"{prefix}/confusion_{true}_as_{pred}"] = float(matrix[i, j])
         flat["threshold"] = self.threshold
+        if self.threshold_evidence is not None:
+            flat["threshold_evidence"] = self.threshold_evidence
         if self.types is not None:
             flat |= self.types.metrics(prefix)
         return flat
@@ -146,9 +156,11 @@ def evaluation_from_scores(
     threshold: float,
     target_recall: float | None,
     validation: tuple[np.ndarray, np.ndarray] | None = None,
+    evidence: float | None = None,
 ) -> Evaluation:
     """Figures of (labels, scores) at ``threshold`` and 0.5; with the validation split's
-    (labels, scores), also the trade-off table of operating points."""
+    (labels, scores), also the trade-off table of operating points. ``evidence``: what
+    :func:`~qi.evaluation.operating_point.threshold_evidence` said, where it chose."""
     predicted = decide(scores, threshold)
     report = classification_report(
         labels,
@@ -177,6 +189,7 @@ def evaluation_from_scores(
         report=report,
         report_text=text,
         by_defect_type=by_type,
-        tradeoff=None if validation is None else tradeoff(*validation, labels, scores),
+        tradeoff=None if validation is None else tradeoff(*validation, labels, scores, evidence),
         val_false_alarms=None if validation is None else rates(*validation, threshold)[1],
+        threshold_evidence=evidence,
     )

@@ -292,21 +292,7 @@ def summary_markdown(evaluation: Evaluation, pictures: list[str], title: str) ->
     ):
         rows.append(f"| {key} | {m[key]:.4f} | {h[key]:.4f} |")
     matrix = evaluation.confusion()
-    if (
-        evaluation.target_recall is not None
-        and evaluation.target_recall == evaluation.target_recall
-    ):
-        origin = (
-            f"The threshold {evaluation.threshold:.4f} was chosen on the validation split for a "
-            f"defect recall of at least {evaluation.target_recall:.2f}."
-        )
-    elif evaluation.tradeoff is not None:
-        origin = (
-            f"The threshold {evaluation.threshold:.4f} has the fewest balanced errors on the "
-            "validation split (no target recall was set)."
-        )
-    else:
-        origin = f"The model's own threshold {evaluation.threshold:.4f} was used."
+    origin = f"Threshold {evaluation.threshold:.4f}: {evaluation.threshold_origin}."
     lines = [
         f"# {title}",
         "",

@@ -8,7 +8,14 @@ from sklearn.metrics import log_loss
 
 from qi.data.datamodule import PreparedData
 from qi.evaluation.metrics import Evaluation, evaluation_from_scores
-from qi.evaluation.operating_point import choose_threshold
+from qi.evaluation.operating_point import (
+    DEFAULT_THRESHOLD,
+    EVIDENCE_SHARE,
+    balanced_threshold,
+    choose_threshold,
+    no_target,
+    threshold_evidence,
+)
 from qi.evaluation.types import evaluate_types
 from qi.inference import defect_probabilities, probabilities_and_types
 from qi.models import InspectionNet
@@ -30,15 +37,31 @@ def evaluate(
     threshold: float | None = None,
 ) -> Evaluation:
     """Choose the threshold on validation (unless the model comes with its own: a detector's
-    is 0.5 by construction), then measure ``split`` at it and at 0.5."""
+    is 0.5 by construction), then measure ``split`` at it and at 0.5. Without a target
+    recall, 0.5 stays unless the validation evidence for the balanced threshold is clear
+    (:func:`~qi.evaluation.operating_point.threshold_evidence`)."""
     val_labels, val_scores = score_split(net, data, "val")
-    if threshold is None:
+    evidence = None
+    if threshold is None and no_target(target_recall):
+        evidence = threshold_evidence(val_labels, val_scores)
+        threshold = (
+            balanced_threshold(val_labels, val_scores)
+            if evidence >= EVIDENCE_SHARE
+            else DEFAULT_THRESHOLD
+        )
+    elif threshold is None:
         threshold = choose_threshold(val_labels, val_scores, target_recall)
     images, labels = data.split(split)
     scores, type_probabilities = probabilities_and_types(net, images)
     frame = data.split_frame(split)
     evaluation = evaluation_from_scores(
-        labels, scores, frame, threshold, target_recall, validation=(val_labels, val_scores)
+        labels,
+        scores,
+        frame,
+        threshold,
+        target_recall,
+        validation=(val_labels, val_scores),
+        evidence=evidence,
     )
     if net.defect_types:
         evaluation.types = evaluate_types(

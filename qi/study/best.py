@@ -222,10 +222,7 @@ def model_description(evaluation: Evaluation, config: TuneConfig, best) -> str:
     """The registry page's text: what the model is, how well it did, what its threshold
     costs, and how to call it."""
     m = evaluation.metrics
-    if evaluation.target_recall is None:
-        origin = "the fewest balanced errors on validation"
-    else:
-        origin = f"chosen on validation for defect recall >= {evaluation.target_recall}"
+    origin = evaluation.threshold_origin
     kind = ""
     if best.user_attrs.get(TrialAttr.METHOD) == "anomaly":
         kind = (

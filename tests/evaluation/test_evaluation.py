@@ -91,9 +91,11 @@ def test_the_tradeoff_table_prices_each_target_recall_and_warns_past_a_third():
     # defects score high, but a few hide among the good parts: catching them costs alarms
     scores = np.concatenate([rng.uniform(0.55, 1.0, 36), rng.uniform(0.0, 0.2, 4),
                              rng.uniform(0.0, 0.45, 80)])  # fmt: skip
-    table = tradeoff(labels, scores, labels, scores, targets=(0.9, 0.99))
-    names = ["balanced (default)", "boundary 0.5", "0.90", "0.99"]
+    table = tradeoff(labels, scores, labels, scores, evidence=0.95, targets=(0.9, 0.99))
+    names = ["balanced (evidence 95%, default)", "boundary 0.5", "0.90", "0.99"]
     assert list(table["target_recall"]) == names
+    kept = tradeoff(labels, scores, labels, scores, evidence=0.3, targets=(0.9,))
+    assert list(kept["target_recall"])[:2] == ["balanced (evidence 30%)", "boundary 0.5 (default)"]
     assert table["threshold"].iloc[1] == 0.5
     assert table["val_recall"].iloc[2] >= 0.9 and table["val_recall"].iloc[3] >= 0.99
     assert table["val_false_alarms"].iloc[1:].is_monotonic_increasing  # recall costs alarms
@@ -111,8 +113,9 @@ def test_the_tradeoff_table_prices_each_target_recall_and_warns_past_a_third():
     summary = summary_markdown(costly, [], "t")
     assert "## Operating points" in summary and costly.warning in summary
     # no target: the fewest balanced errors, mid-gap (here the classes overlap: 4 defects hide)
-    balanced = choose_threshold(labels, scores, None)
-    assert 0.2 < balanced < 0.55
+    from qi.evaluation.operating_point import balanced_threshold
+
+    assert 0.2 < balanced_threshold(labels, scores) < 0.55
 
 
 def test_the_default_threshold_has_the_fewest_balanced_errors_mid_gap():
@@ -152,3 +155,52 @@ def test_test_time_views_are_kept_only_when_they_lower_the_validation_log_loss()
     assert views_on_validation(net, images, labels) == min(losses, key=losses.get)
     assert net.test_time_views == 1  # the choice is returned, not applied
     assert views_on_validation(net, images, np.zeros(12, int)) == 1  # one class: no test
+
+
+def _calibrated(n: int, shift: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """A classifier's validation scores whose best balanced boundary is at logit ``shift``."""
+    rng = np.random.default_rng(seed)
+    labels = (rng.random(n) < 0.3).astype(int)
+    logits = np.where(labels == 1, rng.normal(1.2, 1.2, n), rng.normal(-1.2, 1.2, n)) + shift
+    return labels, 1 / (1 + np.exp(-logits))
+
+
+def test_the_threshold_leaves_05_only_on_clear_validation_evidence():
+    from qi.evaluation.operating_point import (
+        EVIDENCE_SHARE,
+        balanced_threshold,
+        threshold_evidence,
+    )
+
+    # 0.5 is right and 200 images say otherwise by chance: the balanced point moved, 0.5 stays
+    labels, scores = _calibrated(200, 0.0, seed=1)
+    assert abs(balanced_threshold(labels, scores) - 0.5) > 0.02
+    assert threshold_evidence(labels, scores) < EVIDENCE_SHARE
+    assert choose_threshold(labels, scores, None) == 0.5
+    # a boundary that is really off (scores shifted by one logit) on 2000 images: it moves
+    labels, scores = _calibrated(2000, 1.0, seed=1)
+    evidence = threshold_evidence(labels, scores)
+    assert evidence >= EVIDENCE_SHARE
+    assert threshold_evidence(labels, scores) == evidence  # the same scores, the same answer
+    assert choose_threshold(labels, scores, None) == balanced_threshold(labels, scores) > 0.6
+    # a detector has no trained boundary to defend: the balanced threshold as before
+    labels, scores = _calibrated(200, 0.0, seed=1)
+    moved = choose_threshold(labels, scores, None, require_evidence=False)
+    assert moved == balanced_threshold(labels, scores)
+    # one class only, or too few to resample: no evidence
+    assert threshold_evidence(np.zeros(10), np.linspace(0, 1, 10)) == 0.0
+
+
+def test_the_balanced_threshold_counts_every_cut():
+    """The sorted count agrees with trying every cut between distinct scores."""
+    from qi.evaluation.operating_point import balanced_error, balanced_threshold
+
+    rng = np.random.default_rng(3)
+    for _ in range(20):
+        labels = (rng.random(60) < 0.4).astype(int)
+        scores = np.round(rng.random(60), 2)  # ties included
+        values = np.unique(scores)
+        cuts = (values[:-1] + values[1:]) / 2
+        fewest = min(balanced_error(labels, scores, c) for c in cuts)
+        chosen = balanced_threshold(labels, scores)
+        assert balanced_error(labels, scores, chosen) == pytest.approx(fewest)
