@@ -86,6 +86,7 @@ def tune(
         check_lockable(storage_label(config.storage, tracking_uri))
     storage = open_storage(config.storage, tracking_uri, heartbeat)
     study = load_or_create_study(storage, config, pruner)
+    check_study_runs(study, config.study_name, public_label(config.storage, tracking_uri))
     existing = len(study.trials)
     stale = fail_stale_trials(study)
     close_dead_workers(study, config.grace_period)
@@ -242,6 +243,33 @@ def load_or_create_study(
             f"but {config.metric} must {direction}: use another --study-name"
         )
     return study
+
+
+def check_study_runs(study: optuna.Study, name: str, storage_label: str) -> None:
+    """A study's finished trials live as runs in one tracking store; against another (a new
+    MLFLOW_TRACKING_URI, the study file reused) its best model could not be read back after
+    the new trials. One line, before any trial; other tracking errors are raised as they are."""
+    from mlflow.exceptions import MlflowException
+
+    finished = [
+        t
+        for t in study.trials
+        if t.state == TrialState.COMPLETE and TrialAttr.RUN_ID in t.user_attrs
+    ]
+    if not finished:
+        return
+    trial = finished[-1]
+    run_id = trial.user_attrs[TrialAttr.RUN_ID]
+    try:
+        mlflow.MlflowClient().get_run(run_id)
+    except MlflowException as exc:
+        if exc.error_code != "RESOURCE_DOES_NOT_EXIST":
+            raise
+        raise StorageError(
+            f"study '{name}' in {storage_label} has trials whose MLflow runs are not in the "
+            f"tracking store {mlflow.get_tracking_uri()} (trial {trial.number}: run {run_id}): "
+            "use the tracking store the study ran with, or another --study-name"
+        ) from None
 
 
 def run_until_settled(

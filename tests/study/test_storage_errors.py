@@ -130,3 +130,21 @@ def test_workers_starting_together_on_a_new_database(postgres_server, tmp_path):
         assert all(p.returncode == 0 for p in openers), [e[-600:] for e in errors if e]
         study = optuna.create_study(study_name="after", storage=open_storage(url, "sqlite:///x"))
         assert study.study_name == "after"
+
+
+def test_a_study_file_reused_with_another_tracking_store_is_one_line(tiny_casting, tmp_path):
+    """The study remembers trials whose runs another store holds: refused before training,
+    not after the new trials, when the best model could not be read back."""
+    from optuna.storages import JournalStorage
+    from optuna.storages.journal import JournalFileBackend
+
+    journal = tmp_path / "study.journal"
+    study = optuna.create_study(
+        storage=JournalStorage(JournalFileBackend(str(journal))),
+        study_name="checked",
+        direction="maximize",
+    )
+    elsewhere = "0123456789abcdef0123456789abcdef"  # a run of a store not given here
+    study.add_trial(optuna.trial.create_trial(value=0.9, user_attrs={"mlflow_run_id": elsewhere}))
+    result = _tune(tiny_casting, str(journal), "--tracking-uri", f"sqlite:///{tmp_path}/new.db")
+    _one_line_error(result, "study 'checked'", elsewhere, "use the tracking store")
