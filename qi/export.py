@@ -90,7 +90,7 @@ def write_onnx(net: InspectionNet, spec, path: Path, model_uri: str) -> int:
     preprocess = spec.preprocess
     # a detector's fp16 memory bank stays fp16 in the graph (cast per chunk, as in torch)
     detector = net.method == "anomaly"
-    scorer = _PixelsToProbability(net.eval() if detector else net.float().eval())
+    scorer = _PixelsToProbability(net.eval() if detector else net.float().eval()).eval()
     shape = (2, preprocess.image_size, preprocess.image_size, preprocess.channels)
     example = torch.zeros(shape, dtype=torch.uint8)
     batch = torch.export.Dim("batch", min=1, max=65536)

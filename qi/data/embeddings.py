@@ -9,7 +9,9 @@ would show the network.
 The cache key is a digest of the pixels themselves (so of the files and the preprocessing),
 of the encoder's weights and buffers, of its class and of the view: features of other weights
 or other preprocessing are never reused. Average and max pooled features are stored side by
-side, so trials that differ in pooling share one pass of the encoder. Entries are ``.npy``
+side, for the last map and for every intermediate stage (:meth:`~qi.models.encoders.
+TimmEncoder.pooled_maps`), so trials that differ in pooling or in the stages they read
+(``--feature-stages``) share one pass of the encoder. Entries are ``.npy``
 files of float16 ``(N, D)`` arrays in ``<cache_dir>/embeddings``, written atomically (parallel
 workers).
 """
@@ -29,7 +31,7 @@ from qi.views import dihedral_view
 
 log = logging.getLogger(__name__)
 
-FORMAT = "qi-embeddings-1"  # bump when the way features are computed changes
+FORMAT = "qi-embeddings-2"  # bump when the way features are computed changes
 BATCH = 64
 
 
@@ -54,30 +56,19 @@ def _device() -> torch.device:
 
 @torch.inference_mode()
 def _compute(net, images: np.ndarray, view: int, progress: bool, device) -> np.ndarray:
-    """Average and max pooled features, side by side (every pooling is a slice of them)."""
-    pool = net.encoder.pool
-    kind, pool.kind = pool.kind, "avgmax"
+    """Average and max pooled features of every map (any pooling and stages slice them)."""
     out = []
-    try:
-        batches = range(0, len(images), BATCH)
-        for start in tqdm(
-            batches, desc=f"features, view {view}", unit="batch", disable=not progress
-        ):
-            chunk = torch.from_numpy(images[start : start + BATCH]).permute(0, 3, 1, 2)
-            chunk = dihedral_view(chunk.to(device), view).contiguous(
-                memory_format=torch.channels_last
-            )
-            out.append(net.embed(chunk).float().cpu().numpy().astype(np.float16))
-    finally:
-        pool.kind = kind
-    width = net.encoder.feature_dim // pool.multiplier * 2
-    return np.concatenate(out) if out else np.zeros((0, width), np.float16)
-
-
-def _pooled(features: np.ndarray, kind: str) -> np.ndarray:
-    """The ``kind`` pooling's part of average-and-max features."""
-    half = features.shape[-1] // 2
-    return {"avg": features[..., :half], "max": features[..., half:]}.get(kind, features)
+    batches = range(0, len(images), BATCH)
+    for start in tqdm(batches, desc=f"features, view {view}", unit="batch", disable=not progress):
+        chunk = torch.from_numpy(images[start : start + BATCH]).permute(0, 3, 1, 2)
+        chunk = dihedral_view(chunk.to(device), view).contiguous(memory_format=torch.channels_last)
+        normalised = (chunk.float() - net.mean) / net.std
+        out.append(net.encoder.pooled_maps(normalised).float().cpu().numpy().astype(np.float16))
+    if out:
+        return np.concatenate(out)
+    encoder = net.encoder
+    width = 2 * (encoder.model.num_features + sum(s.channels for s in encoder.feature_info))
+    return np.zeros((0, width), np.float16)
 
 
 def embeddings(net, images: np.ndarray, views: int, progress: bool = True) -> np.ndarray:
@@ -104,7 +95,7 @@ def embeddings(net, images: np.ndarray, views: int, progress: bool = True) -> np
             result.append(features)
     finally:
         net.to("cpu").train(was_training)
-    return _pooled(np.stack(result), net.encoder.pool.kind).astype(np.float32)
+    return np.stack(result)[..., net.encoder.pooled_columns()].astype(np.float32)
 
 
 def module_digest_norm(net) -> str:

@@ -139,7 +139,9 @@ def _cnn(config: ModelConfig, channels: int, image_size: int) -> nn.Module:
 
 def _encoder_of(name: str) -> Callable[[ModelConfig, int, int], nn.Module]:
     def build(config: ModelConfig, channels: int, image_size: int) -> nn.Module:
-        return backbone_of(name).build(config.pretrained, channels, config.pooling)
+        return backbone_of(name).build(
+            config.pretrained, channels, config.pooling, config.feature_stages
+        )
 
     return build
 
@@ -189,10 +191,16 @@ def build_model(
     """The network for ``config`` and images of ``channels`` x ``image_size`` px; with
     ``defect_types``, its head also scores each of them.
 
-    Raises ValueError naming the choices on an unknown name, WeightsNotFoundError when
+    Raises ValueError naming the choices on an unknown name or on feature stages the
+    network does not have, WeightsNotFoundError when
     pretrained weights are not on disk, WeightsMismatchError when a file does not fit.
     """
     architecture = architecture_of(config.name)
+    if config.feature_stages and not architecture.pretrained:
+        raise ValueError(
+            f"--feature-stages needs a pretrained backbone (--model efficientnet_lite0, ...), "
+            f"not {config.name}: drop it or choose a backbone"
+        )
     size = image_size or architecture.image_size or 128
     if architecture.pretrained:
         # a backbone's head starts from the seed alone, not from how many random numbers the

@@ -7,7 +7,8 @@ timm knows with the user's file.
 
 An encoder answers three questions the rest of qi asks:
 
-- ``forward(x)``: the pooled feature vector a classifier head sees (``feature_dim`` wide);
+- ``forward(x)``: the pooled feature vector a classifier head sees (``feature_dim`` wide): the
+  last map's, then, with ``feature_stages``, those of intermediate stages chosen by stride;
 - ``feature_info`` and ``stage_features(x, indices)``: its intermediate stages (timm's
   ``feature_info``: name, channels, stride) and their feature maps, for patch-level
   detectors, multi-stage features and heatmaps;
@@ -83,7 +84,13 @@ class Backbone:
             return self.imagenet_file()
         return user_file(self.timm_name, pretrained)
 
-    def build(self, pretrained: str | None, channels: int, pool: str) -> TimmEncoder:
+    def build(
+        self,
+        pretrained: str | None,
+        channels: int,
+        pool: str,
+        feature_stages: Sequence[int] = (),
+    ) -> TimmEncoder:
         return TimmEncoder(
             self.timm_name,
             channels,
@@ -91,12 +98,21 @@ class Backbone:
             self.weights_file(pretrained),
             unit=self.unit,
             cam_module=self.cam_module,
+            feature_stages=feature_stages,
             **dict(self.timm_kwargs),
         )
 
 
 class TimmEncoder(nn.Module):
-    """A timm network without its classifier, then qi's pooling."""
+    """A timm network without its classifier, then qi's pooling.
+
+    With ``feature_stages`` (strides), the pooled maps of those intermediate stages follow the
+    last map's in the feature vector: small cracks answer in finer stages, which the last
+    map's summary dilutes. A stage whose map *is* the last one (ResNet's stride 32) adds
+    nothing and is left out. The vector is laid out map by map, each map's pooling in turn
+    (``avgmax``: its average, then its max), so cached features of every map
+    (:meth:`pooled_maps`) give any such vector by slicing (:meth:`pooled_columns`).
+    """
 
     def __init__(
         self,
@@ -106,6 +122,7 @@ class TimmEncoder(nn.Module):
         weights: Path | None = None,
         unit: str = "stage",
         cam_module: str | None = None,
+        feature_stages: Sequence[int] = (),
         **timm_kwargs,
     ) -> None:
         super().__init__()
@@ -126,13 +143,17 @@ class TimmEncoder(nn.Module):
             load_into(model, weights, timm_name, stem_key=stem)
         self.model = model
         self.pool = GlobalPool(pool)
-        self.feature_dim = model.num_features * self.pool.multiplier
         self.units = encoder_units(model, unit)
         self.feature_info = tuple(
             FeatureStage(f["module"], int(f["num_chs"]), int(f["reduction"]))
             for f in model.feature_info
         )
         self.cam_module = cam_module or self.feature_info[-1].name
+        self.extra_stages = extra_stage_indices(
+            self.feature_info, feature_stages, model.num_features, timm_name
+        )
+        widths = [model.num_features, *(self.feature_info[i].channels for i in self.extra_stages)]
+        self.feature_dim = sum(widths) * self.pool.multiplier
 
     @property
     def cam_layer(self) -> nn.Module:
@@ -140,11 +161,54 @@ class TimmEncoder(nn.Module):
         return self.model.get_submodule(self.cam_module)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.pool(self.model.forward_features(x))
+        if not self.extra_stages:
+            return self.pool(self.model.forward_features(x))
+        last, stages = self.model.forward_intermediates(x, indices=list(self.extra_stages))
+        return torch.cat([self.pool(m) for m in (last, *stages)], dim=1)
 
     def stage_features(self, x: torch.Tensor, indices: Sequence[int]) -> list[torch.Tensor]:
         """The feature maps of stages ``indices`` (positions in ``feature_info``)."""
         return self.model.forward_intermediates(x, indices=list(indices), intermediates_only=True)
+
+    def pooled_maps(self, x: torch.Tensor) -> torch.Tensor:
+        """Average and max pooled features of the last map, then of every stage in
+        ``feature_info``, side by side: one pass gives what any pooling and any choice of
+        stages reads (:meth:`pooled_columns`), so cached features serve them all."""
+        last, stages = self.model.forward_intermediates(x, indices=len(self.feature_info))
+        return torch.cat([GlobalPool("avgmax")(m) for m in (last, *stages)], dim=1)
+
+    def pooled_columns(self) -> list[int]:
+        """Columns of :meth:`pooled_maps`' output that make this encoder's own feature
+        vector (its pooling, its stages, in its order)."""
+        widths = [self.model.num_features, *(s.channels for s in self.feature_info)]
+        starts = [sum(widths[:i]) * 2 for i in range(len(widths))]
+        parts = {"avg": [0], "max": [1], "avgmax": [0, 1]}[self.pool.kind]
+        columns: list[int] = []
+        for position in (0, *(1 + i for i in self.extra_stages)):
+            start, width = starts[position], widths[position]
+            for part in parts:
+                columns.extend(range(start + part * width, start + (part + 1) * width))
+        return columns
+
+
+def extra_stage_indices(
+    stages: Sequence[FeatureStage], strides: Sequence[int], last_width: int, name: str
+) -> tuple[int, ...]:
+    """Positions in ``stages`` of the stages with ``strides``, finest first, less the one
+    that is the last map itself (the deepest stage, as wide as the final features, when the
+    network has no head convolution after it). ValueError naming the strides it has."""
+    by_stride = {stage.stride: i for i, stage in enumerate(stages)}
+    missing = [s for s in strides if s not in by_stride]
+    if missing:
+        have = ",".join(str(s.stride) for s in stages)
+        raise ValueError(
+            f"{name} has no stage of stride {missing[0]}: choose --feature-stages among {have}"
+        )
+    deepest = len(stages) - 1
+    is_last_map = stages[deepest].channels == last_width
+    return tuple(
+        i for i in sorted({by_stride[s] for s in strides}) if not (i == deepest and is_last_map)
+    )
 
 
 def _drop_layers_after_pooling(model: nn.Module) -> None:

@@ -16,7 +16,7 @@ from typing import Any
 import optuna
 
 from qi import choices
-from qi.config import RunConfig, SearchSpace, TuneConfig, stride_list
+from qi.config import RunConfig, SearchSpace, TuneConfig, feature_stage_list, stride_list
 from qi.storage import redacted
 
 
@@ -86,6 +86,10 @@ def _stride_text(strides: tuple[int, ...]) -> str:
     return ",".join(str(s) for s in strides)
 
 
+def _feature_stage_text(strides: tuple[int, ...]) -> str:
+    return _stride_text(strides) or "none"
+
+
 @dataclass(frozen=True)
 class SearchParam:
     """One dimension of the search: its Optuna name, the config field it sets, the
@@ -121,6 +125,10 @@ SEARCH = (
     SearchParam("model.head_hidden", "model.head_hidden", "head_hidden", "choice", _backbone),
     SearchParam(
         "model.test_time_views", "model.test_time_views", "test_time_views", "choice", _frozen
+    ),
+    SearchParam(
+        "model.feature_stages", "model.feature_stages", "feature_stages", "choice", _frozen,
+        to_config=feature_stage_list, from_config=_feature_stage_text,
     ),
     SearchParam(
         "train.encoder_lr_scale", "train.encoder_lr_scale", "encoder_lr_scale", "log", _fine_tuned
@@ -226,6 +234,9 @@ FROZEN_HEAD = {
     "pooling": "avgmax",
     "test_time_views": 8,
 }
+# and the same head also reading the stride 16 and 32 stages (what the encoder pass that
+# caches the features computes anyway)
+FROZEN_HEAD_STAGES = (16, 32)
 
 
 def starting_trials(base: RunConfig, space: SearchSpace, method: str = "classifier") -> list[dict]:
@@ -241,11 +252,14 @@ def starting_trials(base: RunConfig, space: SearchSpace, method: str = "classifi
         candidates = [params_of(detector, method)]
         return [c for c in candidates if _inside(c, space, method)]
     heads = []
+    stage_choices = dict.fromkeys((base.model.feature_stages, FROZEN_HEAD_STAGES))
     for hidden in (0, 256):  # a linear head, then one hidden layer
-        head = replace(base, model=replace(base.model, **FROZEN_HEAD, head_hidden=hidden))
-        heads.append(
-            replace(head, data=replace(head.data, image_size=space.backbone_image_sizes[0]))
-        )
+        for stages in stage_choices:
+            model = replace(base.model, **FROZEN_HEAD, head_hidden=hidden, feature_stages=stages)
+            head = replace(base, model=model)
+            heads.append(
+                replace(head, data=replace(head.data, image_size=space.backbone_image_sizes[0]))
+            )
     candidates = [*(params_of(h) for h in heads), params_of(base)]
     return [c for c in candidates if _inside(c, space)]
 

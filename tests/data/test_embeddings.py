@@ -60,3 +60,22 @@ def test_trials_that_differ_in_pooling_share_one_pass_of_the_encoder(session_cac
         assert pooled.shape[-1] == single.encoder.feature_dim == 1280
         assert np.array_equal(pooled, features[..., part])
     assert set((session_cache / "embeddings").glob("*.npy")) == files
+
+
+def test_trials_that_differ_in_stages_share_one_pass_and_see_what_the_network_computes(
+    session_cache,
+):
+    images = _images(4, n=3)
+    last_only = build_model(ModelConfig(name="efficientnet_lite0", finetune="head"), 1, 64)
+    cache.embeddings(last_only, images, views=1, progress=False)
+    files = set((session_cache / "embeddings").glob("*.npy"))
+    config = ModelConfig(name="efficientnet_lite0", finetune="head", feature_stages=(16, 32))
+    staged = build_model(config, 1, 64).eval()
+    features = cache.embeddings(staged, images, views=1, progress=False)
+    assert set((session_cache / "embeddings").glob("*.npy")) == files  # the same pass
+    # the last map's avg and max, then the 112- and 320-channel stages' (Lite0 strides 16, 32)
+    assert features.shape[-1] == staged.encoder.feature_dim == 2 * (1280 + 112 + 320)
+    with torch.no_grad():
+        direct = staged.embed(torch.from_numpy(images).permute(0, 3, 1, 2)).numpy()
+    assert np.allclose(features[0], direct, rtol=2e-3, atol=2e-3)  # stored as float16
+    assert np.array_equal(features[0, :, :2560], cache.embeddings(last_only, images, 1)[0])

@@ -281,13 +281,19 @@ def test_the_space_is_conditional_on_the_kind_of_model():
 
 
 def test_a_new_study_starts_cheap_then_with_qi_trains_configuration():
-
-    linear, hidden, second = starting_trials(RunConfig(), SearchSpace())
+    linear, staged, hidden, hidden_staged, second = starting_trials(RunConfig(), SearchSpace())
     head = apply_params(RunConfig(), linear)
     assert head.model.name == "efficientnet_lite0" and head.model.finetune == "head"
     assert head.model.test_time_views == 8 and head.model.head_hidden == 0
+    assert head.model.feature_stages == () and linear["model.feature_stages"] == "none"
+    # the same heads reading the stride 16 and 32 stages too: the same cached encoder pass
+    assert apply_params(RunConfig(), staged).model.feature_stages == (16, 32)
     assert apply_params(RunConfig(), hidden).model.head_hidden == 256
+    assert apply_params(RunConfig(), hidden_staged).model.feature_stages == (16, 32)
     assert apply_params(RunConfig(), second) == RunConfig()
+    # a space without staged features starts with the last map's heads only
+    space = SearchSpace(feature_stages=("none",))
+    assert len(starting_trials(RunConfig(), space)) == 3
     (only,) = starting_trials(RunConfig(), SearchSpace(models=("cnn",)))
     assert only == second
 
