@@ -61,6 +61,11 @@ ABLATIONS = {  # name -> `qi train` arguments, each a single change or a candida
         "--pooling", "avgmax", "--epochs", "40", "--test-time-views", "8",
         "--no-balance-classes",
     ],
+    "lite0 head, + 8 test-time views + stages 16,32": [
+        "--model", "efficientnet_lite0", "--finetune", "head", "--image-size", "224",
+        "--pooling", "avgmax", "--epochs", "40", "--test-time-views", "8",
+        "--feature-stages", "16,32",
+    ],
     "lite0 last third, 224 px": [
         "--model", "efficientnet_lite0", "--finetune", "last", "--image-size", "224",
         "--pooling", "avgmax", "--epochs", "12", "--augmentation", "dihedral",
@@ -220,6 +225,8 @@ def default_study(data_dir: Path, env: dict[str, str], args) -> list[str]:
         model = p.get("model.name", "?")
         if model != "cnn":
             model += f" {p.get('model.finetune')}"
+        if p.get("model.feature_stages", "none") != "none":
+            model += f" + stages {p['model.feature_stages']}"
         state = t.get("qi.trial_state", "?")
         if "qi.pruned_by" in t:
             state += f" ({t['qi.pruned_by']})"

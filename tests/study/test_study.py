@@ -281,7 +281,8 @@ def test_the_space_is_conditional_on_the_kind_of_model():
 
 
 def test_a_new_study_starts_cheap_then_with_qi_trains_configuration():
-    linear, staged, hidden, hidden_staged, second = starting_trials(RunConfig(), SearchSpace())
+    space = SearchSpace(feature_stages=("none", "32", "16,32"))
+    linear, staged, hidden, hidden_staged, second = starting_trials(RunConfig(), space)
     head = apply_params(RunConfig(), linear)
     assert head.model.name == "efficientnet_lite0" and head.model.finetune == "head"
     assert head.model.test_time_views == 8 and head.model.head_hidden == 0
@@ -291,9 +292,8 @@ def test_a_new_study_starts_cheap_then_with_qi_trains_configuration():
     assert apply_params(RunConfig(), hidden).model.head_hidden == 256
     assert apply_params(RunConfig(), hidden_staged).model.feature_stages == (16, 32)
     assert apply_params(RunConfig(), second) == RunConfig()
-    # a space without staged features starts with the last map's heads only
-    space = SearchSpace(feature_stages=("none",))
-    assert len(starting_trials(RunConfig(), space)) == 3
+    # the default space, without staged features, starts with the last map's heads only
+    assert len(starting_trials(RunConfig(), SearchSpace())) == 3
     (only,) = starting_trials(RunConfig(), SearchSpace(models=("cnn",)))
     assert only == second
 

@@ -1,0 +1,209 @@
+"""Design measurements on cached frozen-encoder features: which stages, which type head.
+
+    pip install -e ".[bench]"                      # elpv-dataset for the stages measurement
+    python benchmarks/cached_heads.py              # both measurements
+    python benchmarks/cached_heads.py --only stages   # or: types
+    python benchmarks/cached_heads.py --quick      # smoke run (used by the tests)
+
+Both read qi's own feature cache (:mod:`qi.data.embeddings`: EfficientNet-Lite0 at 224 px,
+average and max pooled, the 8 flips/rotations of each training image as training copies,
+probabilities averaged over the 8 views of a scored image) and fit L2-regularised logistic
+regressions on standardised features (scikit-learn; what qi's linear head is, up to its
+optimiser), so they compare the *features* and the *design*, not a training recipe.
+
+- ``stages``: the ELPV mono cells (the benchmark's 75/25 split, seed 42); 5-fold
+  cross-validated ROC AUC and accuracy at 0.5 over the training cells (what a choice may be
+  made on), and the test split's, for the last map alone and with intermediate stages
+  (``--feature-stages``). The polycrystalline cells are not read.
+- ``types``: the embedded castings; a binary head plus a type head on the same features (qi's
+  design) against one softmax over ok + the types (defect probability 1 - p(ok)): binary ROC
+  AUC and accuracy, type accuracy and macro F1 among the caught defects, 5-fold over
+  train + validation (mean and spread) and on test.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+from _common import benchmark_args
+
+STAGE_SETS = {
+    "last map": (), "+ 32": (32,), "+ 16": (16,), "+ 16,32": (16, 32), "+ 8,16,32": (8, 16, 32),
+}  # fmt: skip
+C = 0.01  # the regularisation both measurements use (the best of 0.001-0.1 on the last map)
+
+
+def frozen(stages=(), types=(), channels=3, size=224):
+    from qi.config import ModelConfig
+    from qi.models import build_model
+
+    config = ModelConfig(name="efficientnet_lite0", finetune="head", feature_stages=stages)
+    return build_model(config, channels, size, defect_types=types).eval()
+
+
+def logistic(balanced: bool = True):
+    from sklearn.linear_model import LogisticRegression
+
+    return LogisticRegression(C=C, max_iter=3000, class_weight="balanced" if balanced else None)
+
+
+def fit_views(model, features: np.ndarray, targets: np.ndarray):
+    """Standardise and fit on every view of every image; returns a scorer of ``(V, N, D)``."""
+    from sklearn.preprocessing import StandardScaler
+
+    views, n, dim = features.shape
+    scaler = StandardScaler().fit(features.reshape(-1, dim))
+    model.fit(scaler.transform(features.reshape(-1, dim)), np.tile(targets, views))
+    return lambda x: np.mean([model.predict_proba(scaler.transform(v)) for v in x], axis=0)
+
+
+def folds(labels: np.ndarray, quick: bool):
+    from sklearn.model_selection import StratifiedKFold
+
+    k = 2 if quick else 5
+    return StratifiedKFold(k, shuffle=True, random_state=0).split(np.zeros(len(labels)), labels)
+
+
+def prepared(data_dir: Path | None, size: int):
+    from qi.config import DataConfig
+    from qi.data.datamodule import prepare_data
+
+    config = (
+        DataConfig(data_dir=data_dir, image_size=size) if data_dir else DataConfig(image_size=size)
+    )
+    return prepare_data(config, progress=False)
+
+
+def stages(quick: bool) -> list[str]:
+    from sklearn.metrics import accuracy_score, roc_auc_score
+
+    from qi.data.embeddings import embeddings
+
+    with tempfile.TemporaryDirectory(prefix="qi-heads-") as tmp:
+        sys.path.insert(0, str(Path(__file__).parent))
+        from real_data import elpv_installed, write_elpv, write_stand_in
+
+        folder = Path(tmp) / "cells"
+        if elpv_installed() and not quick:
+            write_elpv("mono", folder)
+            source = "ELPV mono cells, 75/25 stratified, seed 42"
+        else:
+            write_stand_in(folder)
+            source = "synthetic stand-in"
+        size = 64 if quick else 224
+        data = prepared(folder, size)
+    frame = data.frame
+    training = frame["split"].isin(["train", "val"]).to_numpy()
+    test = (frame["split"] == "test").to_numpy()
+    labels = frame["label"].to_numpy()
+    lines = [
+        f"stages ({source}; Lite0 {size} px, avgmax, 8 views, logistic C={C})",
+        "| features | width | 5-fold ROC AUC | 5-fold acc@0.5 | test ROC AUC | test acc@0.5 "
+        "| seconds |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for name, strides in STAGE_SETS.items():
+        started = time.perf_counter()
+        net = frozen(strides, channels=data.preprocess.channels, size=size)
+        train_x = embeddings(net, data.images[training], views=8, progress=False)
+        test_x = embeddings(net, data.images[test], views=8, progress=False)
+        y = labels[training]
+        scores = np.zeros(len(y))
+        for a, b in folds(y, quick):
+            scores[b] = fit_views(logistic(), train_x[:, a], y[a])(train_x[:, b])[:, 1]
+        tested = fit_views(logistic(), train_x, y)(test_x)[:, 1]
+        lines.append(
+            f"| {name} | {train_x.shape[-1]} | {roc_auc_score(y, scores):.4f} | "
+            f"{accuracy_score(y, scores >= 0.5):.4f} | "
+            f"{roc_auc_score(labels[test], tested):.4f} | "
+            f"{accuracy_score(labels[test], tested >= 0.5):.4f} | "
+            f"{time.perf_counter() - started:.0f} |"
+        )
+    return lines
+
+
+def types(quick: bool) -> list[str]:
+    from sklearn.metrics import accuracy_score, f1_score, roc_auc_score
+
+    from qi.data.embeddings import embeddings
+    from qi.data.types import learnable_types, type_targets
+
+    size = 64 if quick else 224
+    data = prepared(None, size)
+    kinds = learnable_types(data.frame)
+    net = frozen(types=kinds, channels=data.preprocess.channels, size=size)
+    frame = data.frame
+    training = frame["split"].isin(["train", "val"]).to_numpy()
+    test = (frame["split"] == "test").to_numpy()
+    x_train = embeddings(net, data.images[training], views=8, progress=False)
+    x_test = embeddings(net, data.images[test], views=8, progress=False)
+    y_train, y_test = frame["label"].to_numpy()[training], frame["label"].to_numpy()[test]
+    k_train, k_test = type_targets(frame[training], kinds), type_targets(frame[test], kinds)
+
+    def binary_and_type_head(x, y, k, scored):
+        defect = fit_views(logistic(), x, y)(scored)[:, 1]
+        typed = k >= 0
+        kind = fit_views(logistic(False), x[:, typed], k[typed])(scored).argmax(1)
+        return defect, kind
+
+    def softmax_over_ok_and_types(x, y, k, scored):
+        keep = (y == 0) | (k >= 0)
+        classes = np.where(y == 0, 0, k + 1)[keep]
+        probability = fit_views(logistic(), x[:, keep], classes)(scored)
+        return 1 - probability[:, 0], probability[:, 1:].argmax(1)
+
+    def figures(y, k, defect, kind):
+        caught = (y == 1) & (defect >= 0.5) & (k >= 0)
+        return (
+            roc_auc_score(y, defect),
+            accuracy_score(y, defect >= 0.5),
+            accuracy_score(k[caught], kind[caught]),
+            f1_score(k[caught], kind[caught], average="macro"),
+        )
+
+    lines = [
+        f"types (embedded castings, {len(kinds)} types; Lite0 {size} px, avgmax, 8 views, "
+        f"logistic C={C}); 5-fold mean ± sd, then test",
+        "| design | ROC AUC | acc@0.5 | type acc (caught) | type macro F1 | test ROC AUC | "
+        "test acc | test type acc | test type macro F1 |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    strata = np.where(y_train == 0, 0, k_train + 1)
+    for name, design in (
+        ("binary head + type head (qi)", binary_and_type_head),
+        ("softmax over ok + types", softmax_over_ok_and_types),
+    ):
+        rows = []
+        for a, b in folds(strata, quick):
+            rows.append(
+                figures(
+                    y_train[b],
+                    k_train[b],
+                    *design(x_train[:, a], y_train[a], k_train[a], x_train[:, b]),
+                )
+            )
+        mean, spread = np.mean(rows, 0), np.std(rows, 0)
+        tested = figures(y_test, k_test, *design(x_train, y_train, k_train, x_test))
+        cells = [f"{m:.4f} ± {s:.4f}" for m, s in zip(mean, spread, strict=True)]
+        cells += [f"{t:.4f}" for t in tested]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def main() -> None:
+    args = benchmark_args(__doc__, quick={}, only="")
+    os.environ.setdefault("QI_CACHE_DIR", tempfile.mkdtemp(prefix="qi-heads-cache-"))
+    print(f"machine: {os.cpu_count()} CPUs; cache {os.environ['QI_CACHE_DIR']}")
+    for name, measure in (("stages", stages), ("types", types)):
+        if args.only in ("", name):
+            for line in measure(args.quick):
+                print(line, flush=True)
+
+
+if __name__ == "__main__":
+    main()
