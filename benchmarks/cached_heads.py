@@ -24,7 +24,6 @@ optimiser), so they compare the *features* and the *design*, not a training reci
 from __future__ import annotations
 
 import os
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -85,7 +84,6 @@ def stages(quick: bool) -> list[str]:
     from qi.data.embeddings import embeddings
 
     with tempfile.TemporaryDirectory(prefix="qi-heads-") as tmp:
-        sys.path.insert(0, str(Path(__file__).parent))
         from real_data import elpv_installed, write_elpv, write_stand_in
 
         folder = Path(tmp) / "cells"

@@ -225,8 +225,9 @@ def default_study(data_dir: Path, env: dict[str, str], args) -> list[str]:
         model = p.get("model.name", "?")
         if model != "cnn":
             model += f" {p.get('model.finetune')}"
-        if p.get("model.feature_stages", "none") != "none":
-            model += f" + stages {p['model.feature_stages']}"
+        stages = p.get("model.feature_stages", "none")  # a trial logs its config: "()" is none
+        if stages not in ("none", "()", ""):
+            model += f" + stages {stages}"
         state = t.get("qi.trial_state", "?")
         if "qi.pruned_by" in t:
             state += f" ({t['qi.pruned_by']})"

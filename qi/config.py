@@ -12,6 +12,7 @@ loads none of the libraries that train, track or tune.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, fields, is_dataclass, replace
 from pathlib import Path
 from typing import Any, Literal
@@ -67,10 +68,14 @@ def _views(value: int) -> str | None:
     return None if value in (1, 2, 4, 8) else f"must be 1, 2, 4 or 8, got {value}"
 
 
-def _stage_strides(value: tuple) -> str | None:
-    if any(s <= 0 for s in value):
-        return f"needs positive strides (e.g. 16,32) or none, got {list(value)}"
+def _strides(value: tuple) -> str | None:
+    if len(value) < 1 or any(s <= 0 for s in value):
+        return f"needs one or more positive strides, got {list(value)}"
     return None
+
+
+def _stage_strides(value: tuple) -> str | None:
+    return _strides(value) if value else None  # empty: no intermediate stage
 
 
 class Checked:
@@ -307,12 +312,6 @@ class TrackingConfig(Checked):
     log_model: bool = True
 
 
-def _strides(value: tuple) -> str | None:
-    if len(value) < 1 or any(s <= 0 for s in value):
-        return f"needs one or more positive strides, got {list(value)}"
-    return None
-
-
 def _odd(value: int) -> str | None:
     return None if value >= 1 and value % 2 == 1 else f"must be an odd size >= 1, got {value}"
 
@@ -393,27 +392,27 @@ def stride_list(text: str) -> tuple[int, ...]:
     return strides
 
 
-def _stride_lists(value: tuple) -> str | None:
-    for text in value:
-        try:
-            stride_list(text)
-        except ValueError as exc:
-            return str(exc)
-    return _not_empty(value)
-
-
 def feature_stage_list(text: str) -> tuple[int, ...]:
     """``"16,32"`` -> ``(16, 32)``, ``"none"`` -> ``()``: a study's choice of feature stages."""
     return () if text in ("none", "") else stride_list(text)
 
 
-def _feature_stage_lists(value: tuple) -> str | None:
-    for text in value:
-        try:
-            feature_stage_list(text)
-        except ValueError as exc:
-            return str(exc)
-    return _not_empty(value)
+def _each_parses(parse: Callable[[str], object]) -> Callable[[tuple], str | None]:
+    """A check that every text of a study's choices parses (the parser's message if not)."""
+
+    def check(value: tuple) -> str | None:
+        for text in value:
+            try:
+                parse(text)
+            except ValueError as exc:
+                return str(exc)
+        return _not_empty(value)
+
+    return check
+
+
+_stride_lists = _each_parses(stride_list)
+_feature_stage_lists = _each_parses(feature_stage_list)
 
 
 def _odd_sizes(value: tuple) -> str | None:

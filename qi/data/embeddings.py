@@ -9,8 +9,9 @@ would show the network.
 The cache key is a digest of the pixels themselves (so of the files and the preprocessing),
 of the encoder's weights and buffers, of its class and of the view: features of other weights
 or other preprocessing are never reused. Average and max pooled features are stored side by
-side, for the last map and for every intermediate stage (:meth:`~qi.models.encoders.
-TimmEncoder.pooled_maps`), so trials that differ in pooling or in the stages they read
+side, for the last map and for every intermediate stage
+(:meth:`~qi.models.encoders.TimmEncoder.pooled_maps`), so trials that differ in pooling or in
+the stages they read
 (``--feature-stages``) share one pass of the encoder. Entries are ``.npy``
 files of float16 ``(N, D)`` arrays in ``<cache_dir>/embeddings``, written atomically (parallel
 workers).
@@ -66,9 +67,7 @@ def _compute(net, images: np.ndarray, view: int, progress: bool, device) -> np.n
         out.append(net.encoder.pooled_maps(normalised).float().cpu().numpy().astype(np.float16))
     if out:
         return np.concatenate(out)
-    encoder = net.encoder
-    width = 2 * (encoder.model.num_features + sum(s.channels for s in encoder.feature_info))
-    return np.zeros((0, width), np.float16)
+    return np.zeros((0, 2 * sum(net.encoder.map_widths)), np.float16)
 
 
 def embeddings(net, images: np.ndarray, views: int, progress: bool = True) -> np.ndarray:

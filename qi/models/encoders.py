@@ -152,8 +152,20 @@ class TimmEncoder(nn.Module):
         self.extra_stages = extra_stage_indices(
             self.feature_info, feature_stages, model.num_features, timm_name
         )
-        widths = [model.num_features, *(self.feature_info[i].channels for i in self.extra_stages)]
-        self.feature_dim = sum(widths) * self.pool.multiplier
+        widths = self.map_widths
+        self.feature_dim = sum(widths[p] for p in self.map_positions) * self.pool.multiplier
+
+    @property
+    def map_widths(self) -> list[int]:
+        """Channels of the last map, then of each stage in ``feature_info``: the maps
+        :meth:`pooled_maps` pools, in its order."""
+        return [self.model.num_features, *(s.channels for s in self.feature_info)]
+
+    @property
+    def map_positions(self) -> tuple[int, ...]:
+        """Which of those maps this encoder's feature vector reads: the last, then its
+        ``feature_stages``."""
+        return (0, *(1 + i for i in self.extra_stages))
 
     @property
     def cam_layer(self) -> nn.Module:
@@ -180,35 +192,40 @@ class TimmEncoder(nn.Module):
     def pooled_columns(self) -> list[int]:
         """Columns of :meth:`pooled_maps`' output that make this encoder's own feature
         vector (its pooling, its stages, in its order)."""
-        widths = [self.model.num_features, *(s.channels for s in self.feature_info)]
+        widths = self.map_widths
         starts = [sum(widths[:i]) * 2 for i in range(len(widths))]
         parts = {"avg": [0], "max": [1], "avgmax": [0, 1]}[self.pool.kind]
         columns: list[int] = []
-        for position in (0, *(1 + i for i in self.extra_stages)):
+        for position in self.map_positions:
             start, width = starts[position], widths[position]
             for part in parts:
                 columns.extend(range(start + part * width, start + (part + 1) * width))
         return columns
 
 
-def extra_stage_indices(
-    stages: Sequence[FeatureStage], strides: Sequence[int], last_width: int, name: str
-) -> tuple[int, ...]:
-    """Positions in ``stages`` of the stages with ``strides``, finest first, less the one
-    that is the last map itself (the deepest stage, as wide as the final features, when the
-    network has no head convolution after it). ValueError naming the strides it has."""
+def stage_indices(
+    stages: Sequence[FeatureStage], strides: Sequence[int], name: str, flag: str
+) -> list[int]:
+    """Positions in ``stages`` of the stages with these strides, finest first; ValueError
+    naming the strides the encoder has and the option (``flag``) that asked."""
     by_stride = {stage.stride: i for i, stage in enumerate(stages)}
     missing = [s for s in strides if s not in by_stride]
     if missing:
-        have = ",".join(str(s.stride) for s in stages)
-        raise ValueError(
-            f"{name} has no stage of stride {missing[0]}: choose --feature-stages among {have}"
-        )
+        have = ", ".join(str(s.stride) for s in stages)
+        raise ValueError(f"{name} has no stage of stride {missing[0]}: choose {flag} among {have}")
+    return sorted({by_stride[s] for s in strides})
+
+
+def extra_stage_indices(
+    stages: Sequence[FeatureStage], strides: Sequence[int], last_width: int, name: str
+) -> tuple[int, ...]:
+    """:func:`stage_indices` of ``--feature-stages``, less the stage that is the last map
+    itself (the deepest stage, as wide as the final features, when the network has no head
+    convolution after it)."""
     deepest = len(stages) - 1
     is_last_map = stages[deepest].channels == last_width
-    return tuple(
-        i for i in sorted({by_stride[s] for s in strides}) if not (i == deepest and is_last_map)
-    )
+    indices = stage_indices(stages, strides, name, "--feature-stages")
+    return tuple(i for i in indices if not (i == deepest and is_last_map))
 
 
 def _drop_layers_after_pooling(model: nn.Module) -> None:

@@ -28,7 +28,7 @@ from torch import nn
 
 from qi import choices
 from qi.config import DetectorConfig, ModelConfig
-from qi.models.encoders import FeatureStage, backbone_of
+from qi.models.encoders import backbone_of, stage_indices
 
 DEFAULT_BACKBONE = choices.DETECTOR_BACKBONE
 BANK_CHUNK = 4096  # bank patches per distance block: (query patches x 4096) floats at a time
@@ -139,19 +139,6 @@ def detector_backbone(model: ModelConfig) -> str:
     return DEFAULT_BACKBONE if model.name == "cnn" else model.name
 
 
-def stage_indices(stages: Sequence[FeatureStage], strides: Sequence[int], name: str) -> list[int]:
-    """Positions in ``feature_info`` of the stages with these strides; ValueError naming
-    the strides the encoder has."""
-    by_stride = {stage.stride: i for i, stage in enumerate(stages)}
-    missing = [s for s in strides if s not in by_stride]
-    if missing:
-        have = ", ".join(str(s.stride) for s in stages)
-        raise ValueError(
-            f"{name} has no stage of stride {missing[0]}: choose --stage-strides among {have}"
-        )
-    return sorted(by_stride[s] for s in strides)
-
-
 def build_detector(
     model: ModelConfig,
     detector: DetectorConfig,
@@ -167,7 +154,7 @@ def build_detector(
     architecture = architecture_of(name)
     with torch.random.fork_rng(devices=[]):
         encoder = backbone_of(name).build(model.pretrained, channels, "avg")
-    indices = stage_indices(encoder.feature_info, detector.stage_strides, name)
+    indices = stage_indices(encoder.feature_info, detector.stage_strides, name, "--stage-strides")
     encoder.model.prune_intermediate_layers(indices=indices, prune_head=True)
     encoder.eval()
     for parameter in encoder.parameters():
