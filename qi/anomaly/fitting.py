@@ -69,7 +69,13 @@ def validation_defects(data: PreparedData) -> int:
 
 
 def raw_scores(net: PatchCoreNet, images: np.ndarray) -> np.ndarray:
-    return map_batches(net.raw_scores, images, BATCH)
+    return map_batches(net.raw_scores, images, BATCH, net.memory_bank.device)
+
+
+def fitting_device() -> torch.device:
+    """Where the bank is built and validation scored: a GPU when there is one (the features,
+    the coreset's distance updates and the kNN are all matrix products)."""
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
 @dataclass(frozen=True)
@@ -93,10 +99,11 @@ def memory_bank(
 ) -> tuple[torch.Tensor, int]:
     """The coreset of the good images' patches, and how many patches there were."""
     generator = torch.Generator().manual_seed(config.train.seed)
+    device = net.memory_bank.device
     quota, total, chunks = None, 0, []
     for start in range(0, len(images), BATCH):
         batch = torch.from_numpy(images[start : start + BATCH]).permute(0, 3, 1, 2)
-        features = net.patch_features(batch).float()
+        features = net.patch_features(batch.to(device)).float().cpu()
         if quota is None:
             per_image = features.shape[2] * features.shape[3]
             quota = max(1, min(per_image, MAX_CANDIDATES // max(len(images), 1)))
@@ -105,7 +112,7 @@ def memory_bank(
     candidates = torch.cat(chunks)
     detector = config.detector
     size = bank_size(total, detector.coreset_ratio, detector.max_bank_patches, len(candidates))
-    chosen = greedy_coreset(candidates, size, config.train.seed)
+    chosen = greedy_coreset(candidates.to(device), size, config.train.seed).cpu()
     return candidates[chosen].clone(), total
 
 
@@ -123,15 +130,17 @@ def fit_detector(config: RunConfig, data: PreparedData) -> tuple[FitResult, Dete
             "add labelled defects or leave --target-recall out"
         )
     net = build_detector(config.model, config.detector, data.preprocess.channels)
+    net.to(fitting_device())
     images, labels = data.split("train")
     good = images[labels == 0]
     bank, patches = memory_bank(net, good, config)
-    net.memory_bank = bank
+    net.memory_bank = bank.to(net.memory_bank.device)
     val_images, val_labels = data.split("val")
     val_raw = raw_scores(net, val_images)
     good_scores = val_raw[val_labels == 0]
     if good_scores.size == 0:
         good_scores = raw_scores(net, good[: min(len(good), 64)])  # seen, so optimistic
+    net.to("cpu")
     quantile = float(np.quantile(good_scores, 1 - config.detector.max_false_alarm_rate))
     spread = float(np.std(good_scores)) if good_scores.size > 1 else 0.0
     scale = spread if spread > 1e-6 else max(abs(quantile) * 0.05, 1e-3)
