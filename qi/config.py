@@ -583,6 +583,12 @@ class TuneConfig(Checked):
         "and retried, its MLflow runs closed.",
         check=positive,
     )
+    ensemble_candidates: int = option(
+        8,
+        "After the trials, the best this many are candidates for an ensemble (greedy forward "
+        "selection on validation), kept only when it lowers the validation log loss. 0: none.",
+        check=not_negative,
+    )
     seed: int = SEED.field()
     start_with_defaults: bool = True  # first trials: a frozen-backbone head, `qi train`'s
     model_name: str = MODEL_NAME.field()

@@ -24,9 +24,12 @@ from qi.models import InspectionNet
 log = logging.getLogger(__name__)
 
 
-def cam_layer(net: InspectionNet) -> torch.nn.Module:
-    """The module whose output Grad-CAM weighs (see the module docstring)."""
-    return net.encoder.cam_layer
+def cam_layers(net: InspectionNet) -> list[torch.nn.Module]:
+    """The modules whose outputs Grad-CAM weighs (see the module docstring): one, or an
+    ensemble's distinct encoders' (Grad-CAM averages their maps)."""
+    if hasattr(net, "cam_layers"):
+        return net.cam_layers
+    return [net.encoder.cam_layer]
 
 
 def heatmaps(net: InspectionNet, batch: np.ndarray, batch_size: int = 16) -> np.ndarray:
@@ -41,7 +44,7 @@ def heatmaps(net: InspectionNet, batch: np.ndarray, batch_size: int = 16) -> np.
     net.eval()
     maps = []
     try:
-        with GradCAM(model=net, target_layers=[cam_layer(net)]) as cam:
+        with GradCAM(model=net, target_layers=cam_layers(net)) as cam:
             for start in range(0, len(batch), batch_size):
                 chunk = torch.from_numpy(batch[start : start + batch_size]).permute(0, 3, 1, 2)
                 # a frozen encoder has no parameter that asks for gradients: the input does

@@ -23,7 +23,8 @@ import torch
 import qi
 from qi.config import DetectorConfig, ModelConfig, from_dict
 from qi.data.preprocessing import ImageDecodeError, PreprocessConfig, decode_image, preprocess
-from qi.models import InspectionNet, build_model
+from qi.models import InspectionNet, build_model, is_pretrained
+from qi.models.ensemble import EnsembleNet, shared_encoder_groups
 from qi.models.patchcore import PatchCoreNet, build_detector
 from qi.models.weights import fit_state_dict
 
@@ -51,13 +52,18 @@ class ModelSpec:
     detector: DetectorConfig | None = None
     # the type head's classes in output order; () for a model that says whether only
     defect_types: tuple[str, ...] = ()
+    # an ensemble (qi.models.ensemble): each member's spec and weight; () for one network
+    ensemble: tuple[EnsembleMember, ...] = ()
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2)
 
     @classmethod
     def from_json(cls, text: str) -> ModelSpec:
-        raw = json.loads(text)
+        return cls.from_dict(json.loads(text))
+
+    @classmethod
+    def from_dict(cls, raw: dict) -> ModelSpec:
         return cls(
             model=from_dict(ModelConfig, raw["model"]),
             preprocess=from_dict(PreprocessConfig, raw["preprocess"]),
@@ -66,7 +72,29 @@ class ModelSpec:
             method=raw.get("method", "classifier"),  # models before detectors: classifiers
             detector=from_dict(DetectorConfig, raw["detector"]) if raw.get("detector") else None,
             defect_types=tuple(raw.get("defect_types", ())),  # models before types: none
+            ensemble=tuple(  # models before ensembles: one network
+                EnsembleMember(cls.from_dict(m["spec"]), float(m["weight"]))
+                for m in raw.get("ensemble", ())
+            ),
         )
+
+
+@dataclass(frozen=True)
+class EnsembleMember:
+    """One network of an ensemble: its own spec (model, views, types) and its weight."""
+
+    spec: ModelSpec
+    weight: float
+
+
+def shared_encoder_key(spec: ModelSpec) -> tuple | None:
+    """What a member's encoder is, when it stayed frozen at pretrained weights (a head on
+    cached features): members with the same key have the same encoder and share its pass;
+    ``None`` for an encoder that learned."""
+    model = spec.model
+    if model.name == "cnn" or model.finetune != "head" or not is_pretrained(model):
+        return None
+    return (model.name, model.pretrained, spec.preprocess.channels)
 
 
 def load_network(spec: ModelSpec, weights_file: Path) -> InspectionNet:
@@ -79,6 +107,8 @@ def load_network(spec: ModelSpec, weights_file: Path) -> InspectionNet:
     state = torch.load(weights_file, map_location="cpu", weights_only=True)
     if spec.method == "anomaly":
         return load_detector(spec, state, weights_file)
+    if spec.ensemble:
+        return load_ensemble(spec, state, weights_file)
     head_only = not any(key.startswith("encoder.") for key in state)
     model = spec.model if head_only else replace(spec.model, pretrained=None)
     net = build_model(
@@ -108,6 +138,35 @@ def load_detector(spec: ModelSpec, state: dict, weights_file: Path) -> PatchCore
             f"{missing[:3]}, unexpected {unexpected[:3]}"
         )
     return net.eval()
+
+
+def build_ensemble(spec: ModelSpec, members: list[InspectionNet]) -> EnsembleNet:
+    """``members`` (one network per member of ``spec.ensemble``) as one ensemble, frozen
+    encoders shared where the members' specs say they are the same."""
+    keys = [shared_encoder_key(m.spec) for m in spec.ensemble]
+    weights = [m.weight for m in spec.ensemble]
+    return EnsembleNet(members, weights, shared_encoder_groups(keys)).eval()
+
+
+def load_ensemble(spec: ModelSpec, state: dict, weights_file: Path) -> EnsembleNet:
+    """An ensemble whose file holds every member whole (a shared encoder once: torch
+    stores a tensor seen twice once)."""
+    members = []
+    for member in spec.ensemble:
+        model = replace(member.spec.model, pretrained=None)  # the file has the weights
+        net = build_model(
+            model, spec.preprocess.channels, spec.preprocess.image_size, spec.defect_types
+        )
+        net.test_time_views = member.spec.model.test_time_views
+        members.append(net)
+    ensemble = build_ensemble(spec, members)
+    missing, unexpected = ensemble.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise ValueError(
+            f"{weights_file} does not fit an ensemble of {len(members)}: missing "
+            f"{missing[:3]}, unexpected {unexpected[:3]}"
+        )
+    return ensemble.eval().to(memory_format=torch.channels_last)
 
 
 def encoder_in_current_layout(

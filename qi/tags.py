@@ -29,11 +29,12 @@ class Tag:
     WORKER = "qi.worker"
     TRIAL_NUMBER = "qi.trial_number"
     TRIAL_STATE = "qi.trial_state"  # complete | pruned | failed | interrupted
-    PRUNED_BY = "qi.pruned_by"  # pruner | deadline
+    PRUNED_BY = "qi.pruned_by"  # pruner | deadline | budget
     ERROR = "qi.error"
     INTERRUPTED = "qi.interrupted"
     BEST_TRIAL = "qi.best_trial"
     BEST_RUN_ID = "qi.best_run_id"
+    ENSEMBLE = "qi.ensemble"  # the study's ensemble: its trials and weights, or why none
     # registry (on the study's parent run and on model versions)
     REGISTERED_MODEL = "qi.registered_model"
     REGISTERED_VERSION = "qi.registered_version"

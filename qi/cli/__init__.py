@@ -193,6 +193,8 @@ def tune(tune: TuneConfig, run: RunConfig, progress: bool) -> None:
         click.echo(
             f"best trial {outcome.best_trial.number}: {tune.metric} {outcome.best_trial.value:.4f}"
         )
+        if outcome.ensemble is not None:
+            click.echo(f"model: {outcome.ensemble.describe()}")
         click.echo(describe_evaluation(outcome.evaluation))
         click.echo(f"model: {outcome.model_uri}")
     if outcome.decision is not None:

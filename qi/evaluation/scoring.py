@@ -4,9 +4,11 @@ test-time views are chosen. The one module of :mod:`qi.evaluation` that runs a n
 from __future__ import annotations
 
 import numpy as np
+import torch
 from sklearn.metrics import log_loss
 
 from qi.data.datamodule import PreparedData
+from qi.data.embeddings import embeddings
 from qi.evaluation.metrics import Evaluation, evaluation_from_scores
 from qi.evaluation.operating_point import (
     DEFAULT_THRESHOLD,
@@ -19,6 +21,19 @@ from qi.evaluation.operating_point import (
 from qi.evaluation.types import evaluate_types
 from qi.inference import defect_probabilities, probabilities_and_types
 from qi.models import InspectionNet
+from qi.models.parts import HeadOnViews
+
+
+def validation_probabilities(net: InspectionNet, images: np.ndarray) -> np.ndarray:
+    """Defect probabilities of ``images`` as ``net`` answers them; a head on a frozen
+    pretrained encoder reads the feature cache its fit filled (seconds instead of an encoder
+    pass per view), the same features the whole network computes."""
+    if getattr(net, "finetune", "all") != "head" or not getattr(net, "pretrained", False):
+        return defect_probabilities(net, images)
+    features = embeddings(net, images, views=net.test_time_views, progress=False)
+    with torch.inference_mode():
+        logits = HeadOnViews(net.head.eval())(torch.from_numpy(features).permute(1, 0, 2))
+    return torch.sigmoid(logits).numpy()
 
 
 def score_split(

@@ -33,6 +33,7 @@ from qi.registry import (
 )
 from qi.serving import log_inspection_model
 from qi.storage import storage_label
+from qi.study.ensemble import EnsembleChoice, same_data_trials, select_ensemble
 from qi.study.trials import DataByImageSize, load_trial_network
 from qi.tags import Tag, TrialAttr
 from qi.tracking import log_metrics
@@ -51,6 +52,7 @@ class TuneOutcome:
     decision: PromotionDecision | None = None
     method: str = "classifier"
     method_reason: str = ""
+    ensemble: EnsembleChoice | None = None  # what the ensemble selection decided, if it ran
 
 
 def best_trial(study: optuna.Study) -> optuna.trial.FrozenTrial | None:
@@ -111,8 +113,11 @@ def finish_best(
     base: RunConfig,
     config: TuneConfig,
     parent_run_id: str,
+    study: optuna.Study | None = None,
 ) -> TuneOutcome:
-    """Best value and params on the parent; the best model evaluated, logged, registered."""
+    """Best value and params on the parent; the best model (or an ensemble of the best
+    trials that beats it on validation: :mod:`qi.study.ensemble`) evaluated, logged,
+    registered."""
     checkpoint("evaluation")
     mlflow.log_params({f"best.{k}": v for k, v in best.params.items()})
     mlflow.set_tags(
@@ -131,6 +136,18 @@ def finish_best(
         net.test_time_views = views
         spec = replace(spec, model=replace(spec.model, test_time_views=views))
         mlflow.log_param("best.test_time_views", views)
+    choice = None
+    if study is not None and not detector and config.ensemble_candidates >= 2:
+        checkpoint("evaluation")
+        ranked = sorted(
+            study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)),
+            key=lambda t: trial_rank(t, study.direction),
+        )
+        candidates = same_data_trials(ranked, best)[: config.ensemble_candidates]
+        ensemble, ensemble_spec, choice = select_ensemble(candidates, spec, prepared)
+        log_ensemble_choice(choice, parent_run_id)
+        if ensemble is not None:
+            net, spec = ensemble, ensemble_spec
     # a detector's threshold was set on validation when it was fitted: its probability 0.5
     evaluation = evaluate(
         net, prepared, settings.target_recall, threshold=0.5 if detector else None
@@ -146,7 +163,7 @@ def finish_best(
     )
     spec = replace(spec, threshold=evaluation.threshold)
     info = log_inspection_model(net, spec, example_image=prepared.images[0])
-    outcome = TuneOutcome(parent_run_id, None, best, evaluation, info.model_uri)
+    outcome = TuneOutcome(parent_run_id, None, best, evaluation, info.model_uri, ensemble=choice)
     if settings.register:
         # one lock per model name: workers finishing together register the best trial once
         storage = storage_label(config.storage, mlflow.get_tracking_uri())
@@ -162,6 +179,19 @@ def finish_best(
         evaluation.threshold,
     )
     return outcome
+
+
+def log_ensemble_choice(choice: EnsembleChoice, parent_run_id: str) -> None:
+    """The selection's verdict on the parent run: its members (or why none), its losses."""
+    mlflow.set_tag(Tag.ENSEMBLE, choice.describe())
+    log_metrics(
+        {
+            "ensemble_val_log_loss": choice.ensemble_loss,
+            "best_trial_val_log_loss": choice.best_single_loss,
+            "ensemble_members": len(choice.members),
+        },
+        parent_run_id,
+    )
 
 
 def register_best(
@@ -186,7 +216,7 @@ def register_best(
     version = register(
         outcome.model_uri,
         config.model_name,
-        description=model_description(evaluation, config, best),
+        description=model_description(evaluation, config, best, outcome.ensemble),
         tags={
             Tag.STUDY_NAME: config.study_name,
             Tag.PARENT_RUN_ID: outcome.parent_run_id,
@@ -195,6 +225,7 @@ def register_best(
             Tag.DATA_DIGEST: prepared.digest,
             Tag.DATA_ROOT: str(prepared.root),
             Tag.THRESHOLD: f"{evaluation.threshold:.6f}",
+            **({Tag.ENSEMBLE: outcome.ensemble.describe()} if ensembled(outcome) else {}),
         },
     )
     decision = promote(
@@ -218,12 +249,21 @@ def register_best(
     outcome.registered_version, outcome.decision = str(version.version), decision
 
 
-def model_description(evaluation: Evaluation, config: TuneConfig, best) -> str:
+def ensembled(outcome: TuneOutcome) -> bool:
+    return outcome.ensemble is not None and outcome.ensemble.kept
+
+
+def model_description(
+    evaluation: Evaluation, config: TuneConfig, best, ensemble: EnsembleChoice | None = None
+) -> str:
     """The registry page's text: what the model is, how well it did, what its threshold
     costs, and how to call it."""
     m = evaluation.metrics
     origin = evaluation.threshold_origin
-    kind = ""
+    kind, origin_of_best = "", "Best trial"
+    if ensemble is not None and ensemble.kept:
+        kind = f"An ensemble of the study's best trials ({ensemble.describe()}). "
+        origin_of_best = "Its best member is trial"
     if best.user_attrs.get(TrialAttr.METHOD) == "anomaly":
         kind = (
             "A good-only detector (PatchCore-style memory bank of good patches; defects only "
@@ -231,9 +271,9 @@ def model_description(evaluation: Evaluation, config: TuneConfig, best) -> str:
         )
         origin += ", where its defect probability is 0.5"
     text = (
-        f"{kind}Best trial {best.number} of Optuna study '{config.study_name}' ({config.metric} "
-        f"{best.value:.4f}). Test: accuracy {m['acc']:.4f}, F1 {m['f1']:.4f}, defect recall "
-        f"{m['defect_recall']:.4f}, ROC AUC {m['auroc']:.4f} at threshold "
+        f"{kind}{origin_of_best} {best.number} of Optuna study '{config.study_name}' "
+        f"({config.metric} {best.value:.4f}). Test: accuracy {m['acc']:.4f}, F1 {m['f1']:.4f}, "
+        f"defect recall {m['defect_recall']:.4f}, ROC AUC {m['auroc']:.4f} at threshold "
         f"{evaluation.threshold:.4f} ({origin}). Input: DataFrame column 'image' of encoded "
         "image bytes; output: label, defect_probability, threshold."
     )

@@ -156,7 +156,7 @@ def tune(
         if best is None:
             log.warning("study %s has no completed trial yet", config.study_name)
             return TuneOutcome(parent_run_id, study, None, None, None, method=method)
-        outcome = finish_best(best, data, base, config, parent_run_id)
+        outcome = finish_best(best, data, base, config, parent_run_id, study)
         outcome.study, outcome.method, outcome.method_reason = study, method, why
         return outcome
 
