@@ -352,6 +352,12 @@ class DetectorConfig(Checked):
         "Anomaly: a patch's score is its mean distance to this many nearest bank patches.",
         check=positive,
     )
+    top_patches: int = option(
+        1,
+        "Anomaly: an image's score is the mean of its this many highest patch scores (1: the "
+        "highest, PatchCore's; more: steadier on defects that span patches, such as cracks).",
+        check=positive,
+    )
     max_false_alarm_rate: float = option(
         0.01,
         "Anomaly without defects in validation: the threshold flags this share of the held-out "
@@ -520,6 +526,9 @@ class SearchSpace(Checked):
     detector_neighbours: tuple[int, ...] = option(
         (1, 3), "Anomaly: nearest bank patches a patch's score averages.", check=_not_empty
     )
+    detector_top_patches: tuple[int, ...] = option(
+        (1, 10), "Anomaly: highest patch scores an image's score averages.", check=_not_empty
+    )
 
 
 @dataclass(frozen=True)
@@ -582,6 +591,13 @@ class TuneConfig(Checked):
         "Database storages: a trial or worker silent this long is dead: its trial is failed "
         "and retried, its MLflow runs closed.",
         check=positive,
+    )
+    cv_folds: int = option(
+        0,
+        "Heads on a frozen encoder's cached features: the objective from this many-fold "
+        "cross-validation over train+validation (out-of-fold predictions) instead of the "
+        "validation split alone. 0: the split alone.",
+        check=lambda v: None if v == 0 or v >= 2 else "needs 0 (off) or 2 and more folds",
     )
     ensemble_candidates: int = option(
         8,

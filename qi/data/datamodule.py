@@ -92,9 +92,7 @@ class PreparedData:
 
     def positive_weight(self) -> float:
         """ok/defective ratio in train: weights the loss so both classes count alike."""
-        _, labels = self.split("train")
-        positives = max(int(labels.sum()), 1)
-        return float((len(labels) - positives) / positives)
+        return positive_weight(self.split("train")[1])
 
     def counts(self) -> pd.DataFrame:
         """Images per split and class, for logs and run descriptions."""
@@ -211,6 +209,12 @@ class InspectionDataModule(pl.LightningDataModule):
 
     def val_dataloader(self) -> DataLoader:
         return self._loader("val", train=False)
+
+
+def positive_weight(labels: np.ndarray) -> float:
+    """The defective class's loss weight that makes both classes count alike."""
+    positives = max(int(np.sum(labels)), 1)
+    return float((len(labels) - positives) / positives)
 
 
 class FeatureDataModule(pl.LightningDataModule):

@@ -10,13 +10,20 @@ from dataclasses import dataclass, field
 
 import lightning.pytorch as pl
 import mlflow
+import numpy as np
 import torch
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from sklearn.model_selection import StratifiedKFold
 from torch import nn
 
 from qi.choices import metric_mode, validate_metric
-from qi.config import RunConfig
-from qi.data.datamodule import FeatureDataModule, InspectionDataModule, PreparedData
+from qi.config import RunConfig, TrainConfig
+from qi.data.datamodule import (
+    FeatureDataModule,
+    InspectionDataModule,
+    PreparedData,
+    positive_weight,
+)
 from qi.data.embeddings import embeddings
 from qi.data.types import learnable_types
 from qi.fit.callbacks import (
@@ -69,6 +76,38 @@ def fit(
     logger = None
     if run_id is not None:
         logger = AttachedMLFlowLogger(tracking_uri=mlflow.get_tracking_uri(), run_id=run_id)
+    seconds = train_and_restore_best(module, datamodule, train, logger, callbacks, progress)
+    best = _best_epoch(module.history, monitor)
+    epochs_run = len(module.history)
+    n_train = int((data.frame["split"] == "train").sum())
+    limit = train.limit_batches
+    if isinstance(limit, int):
+        n_train = min(n_train, limit * config.data.batch_size)
+    elif isinstance(limit, float):
+        n_train = int(n_train * limit)
+    net = net.to("cpu").eval()  # the head trained in place, also behind HeadOnViews
+    return FitResult(
+        net=net,
+        best_epoch=int(best.get("epoch", 0)),
+        epochs_run=epochs_run,
+        val_metrics={k: v for k, v in best.items() if k != "epoch"},
+        history=module.history,
+        seconds=seconds,
+        images_per_second=n_train * epochs_run / seconds if seconds > 0 else 0.0,
+    )
+
+
+def train_and_restore_best(
+    module: InspectionModule,
+    datamodule: pl.LightningDataModule,
+    train: TrainConfig,
+    logger: AttachedMLFlowLogger | None = None,
+    callbacks: Sequence[Callback] = (),
+    progress: bool = True,
+) -> float:
+    """Lightning's fit of ``module`` with early stopping on ``train.monitor``; the best
+    epoch's weights restored in place. Returns the fit's seconds."""
+    monitor = validate_metric(train.monitor)
     with tempfile.TemporaryDirectory(prefix="qi-ckpt-") as ckpt_dir:
         checkpoint = ModelCheckpoint(
             dirpath=ckpt_dir,
@@ -110,23 +149,50 @@ def fit(
         if checkpoint.best_model_path:
             state = torch.load(checkpoint.best_model_path, map_location="cpu", weights_only=True)
             module.load_state_dict(state["state_dict"])
-        best = _best_epoch(module.history, monitor)
-    epochs_run = len(module.history)
-    n_train = int((data.frame["split"] == "train").sum())
-    if isinstance(limit, int):
-        n_train = min(n_train, limit * config.data.batch_size)
-    elif isinstance(limit, float):
-        n_train = int(n_train * limit)
-    net = net.to("cpu").eval()  # the head trained in place, also behind HeadOnViews
-    return FitResult(
-        net=net,
-        best_epoch=int(best.get("epoch", 0)),
-        epochs_run=epochs_run,
-        val_metrics={k: v for k, v in best.items() if k != "epoch"},
-        history=module.history,
-        seconds=seconds,
-        images_per_second=n_train * epochs_run / seconds if seconds > 0 else 0.0,
+    return seconds
+
+
+def out_of_fold_probabilities(
+    config: RunConfig, data: PreparedData, folds: int, progress: bool = False
+) -> tuple[np.ndarray, np.ndarray]:
+    """(labels, defect probabilities) of every train and validation image, each from a head
+    fitted on the other ``folds - 1`` folds of them (stratified, seeded) with early stopping
+    on its own fold: cross-validation of a head on a frozen encoder's cached features, which
+    costs a few head fits and no encoder pass. Each fold's head starts from the seed, as the
+    trial's own does."""
+    train = config.train
+    types = defect_types_to_learn(config, data)
+    net = build_model(
+        config.model, data.preprocess.channels, data.preprocess.image_size, defect_types=types
     )
+    if net.finetune != "head" or not net.pretrained:
+        raise ValueError("cross-validation is for heads on a frozen pretrained encoder")
+    split = [data.targets(name, types) for name in ("train", "val")]
+    images = np.concatenate([s[0] for s in split])
+    targets = np.concatenate([s[1] for s in split])
+    labels = (targets[:, 0] if targets.ndim == 2 else targets).astype(int)
+    features = embeddings(net, images, views=8, progress=progress)  # (8, N, D)
+    views = config.model.test_time_views
+    probabilities = np.zeros(len(labels))
+    splitter = StratifiedKFold(n_splits=folds, shuffle=True, random_state=train.seed)
+    weight = positive_weight(labels) if train.balance_classes else 1.0
+    for fitted, held in splitter.split(labels, labels):
+        pl.seed_everything(train.seed, workers=True, verbose=False)
+        head = build_model(
+            config.model, data.preprocess.channels, data.preprocess.image_size, types
+        ).head
+        head[0].set_from(torch.from_numpy(features[:, fitted].reshape(-1, features.shape[-1])))
+        learner = HeadOnViews(head)
+        datamodule = FeatureDataModule(
+            features[:, fitted], targets[fitted], features[:views, held], targets[held],
+            config.data,
+        )  # fmt: skip
+        module = InspectionModule(learner, train, positive_weight=weight, n_types=len(types))
+        train_and_restore_best(module, datamodule, train, progress=False)
+        with torch.inference_mode():
+            held_features = torch.from_numpy(features[:views, held]).permute(1, 0, 2)
+            probabilities[held] = torch.sigmoid(learner.eval()(held_features)).numpy()
+    return labels, probabilities
 
 
 def defect_types_to_learn(config: RunConfig, data: PreparedData) -> tuple[str, ...]:

@@ -11,8 +11,9 @@ anomaly map at image resolution (``anomaly_maps``) for ``qi explain``.
   memory bank (fp16, chosen from good images only: :mod:`qi.anomaly.memory_bank`), computed
   in torch in chunks of the bank, so memory does not grow with the bank and the graph
   exports to ONNX (anomalib turned faiss down for the same reason);
-- image score: the largest patch score; anomaly map: patch scores resized to the image and
-  smoothed with a Gaussian (sigma 4 px, as the paper);
+- image score: the largest patch score (or the mean of the ``top_patches`` largest: a crack
+  that crosses many patches outweighs one odd good patch); anomaly map: patch scores resized
+  to the image and smoothed with a Gaussian (sigma 4 px, as the paper);
 - probability: ``sigmoid((score - centre) / scale)``. ``centre`` is the raw score the
   operating point chose, so the decision threshold of every detector is 0.5, and callers
   keep their ``defect_probability`` column; ``scale`` is the spread of held-out good scores.
@@ -57,6 +58,7 @@ class PatchCoreNet(nn.Module):
         neighbourhood: int,
         neighbours: int,
         bank: torch.Tensor,  # (M, D)
+        top_patches: int = 1,
     ) -> None:
         super().__init__()
         self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1))
@@ -65,6 +67,7 @@ class PatchCoreNet(nn.Module):
         self.stage_indices = tuple(int(i) for i in stage_indices)
         self.neighbourhood = int(neighbourhood)
         self.neighbours = int(neighbours)
+        self.top_patches = int(top_patches)
         self.register_buffer("memory_bank", bank.to(torch.float16))
         self.register_buffer("centre", torch.tensor(0.0))
         self.register_buffer("scale", torch.tensor(1.0))
@@ -105,8 +108,12 @@ class PatchCoreNet(nn.Module):
         return distance.reshape(n, h, w)
 
     def raw_scores(self, images: torch.Tensor) -> torch.Tensor:
-        """The image score: its largest patch score."""
-        return self.patch_scores(images).flatten(1).amax(1)
+        """The image score: its largest patch score, or the mean of its ``top_patches``."""
+        scores = self.patch_scores(images).flatten(1)
+        if self.top_patches == 1:
+            return scores.amax(1)
+        k = min(self.top_patches, scores.shape[1])
+        return torch.topk(scores, k, dim=1).values.mean(1)
 
     def calibrated(self, raw: torch.Tensor) -> torch.Tensor:
         return torch.sigmoid((raw - self.centre) / self.scale)
@@ -166,6 +173,13 @@ def build_detector(
     if bank is None:
         bank = torch.zeros(1, width)
     net = PatchCoreNet(
-        encoder, mean, std, indices, detector.neighbourhood, detector.neighbours, bank
+        encoder,
+        mean,
+        std,
+        indices,
+        detector.neighbourhood,
+        detector.neighbours,
+        bank,
+        detector.top_patches,
     )
     return net.eval()

@@ -159,6 +159,9 @@ DETECTOR_SEARCH = (
         "detector.coreset_ratio", "detector.coreset_ratio", "detector_coreset_ratio", "log"
     ),
     SearchParam("detector.neighbours", "detector.neighbours", "detector_neighbours", "choice"),
+    SearchParam(
+        "detector.top_patches", "detector.top_patches", "detector_top_patches", "choice"
+    ),
 )  # fmt: skip
 
 

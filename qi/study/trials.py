@@ -25,8 +25,11 @@ from optuna_integration import PyTorchLightningPruningCallback
 from qi.anomaly.fitting import detector_data, fit_detector
 from qi.config import RunConfig, TuneConfig
 from qi.data.datamodule import PreparedData, prepare_data
+from qi.evaluation.metrics import METRIC_FUNCTIONS, binary_metrics
 from qi.fit import FitResult, fit
+from qi.fit.fitting import out_of_fold_probabilities
 from qi.inference import ModelSpec, load_network, trained_state
+from qi.models import is_pretrained
 from qi.models.patchcore import detector_backbone
 from qi.study.recovery import worker_id
 from qi.study.space import apply_params, suggest_params
@@ -188,7 +191,13 @@ class TrialRunner:
         config, data = self._configure(trial, run_id)
         result = self._fit(trial, config, data, run_id)
         value = result.val_metrics.get(self.tune.metric, float("nan"))
-        trial.set_user_attr(TrialAttr.VAL_LOSS, result.val_metrics.get("val/loss", float("nan")))
+        loss = result.val_metrics.get("val/loss", float("nan"))
+        if self._cross_validates(config):
+            figures = cross_validated_figures(config, data, self.tune.cv_folds)
+            log_metrics({f"cv/{k}": v for k, v in figures.items()}, run_id)
+            value = figures[objective_name(self.tune.metric)]
+            loss = figures["log_loss"]
+        trial.set_user_attr(TrialAttr.VAL_LOSS, loss)
         log_metrics(
             {
                 "best_epoch": result.best_epoch,
@@ -234,6 +243,18 @@ class TrialRunner:
             )
         return fit(config, data, run_id=run_id, callbacks=callbacks, progress=self.progress)
 
+    def _cross_validates(self, config: RunConfig) -> bool:
+        """Cross-validation scores cheap trials only (heads on a frozen pretrained encoder's
+        cached features), on binary metrics (types are judged on validation)."""
+        return (
+            self.tune.cv_folds >= 2
+            and self.method == "classifier"
+            and config.model.name != "cnn"
+            and config.model.finetune == "head"
+            and is_pretrained(config.model)
+            and objective_name(self.tune.metric) in METRIC_FUNCTIONS
+        )
+
     def _spec(self, config: RunConfig, data: PreparedData, net: torch.nn.Module) -> ModelSpec:
         if self.method != "anomaly":
             return ModelSpec(config.model, data.preprocess, defect_types=net.defect_types)
@@ -266,6 +287,18 @@ class TrialRunner:
         set_tags(run_id, {Tag.DATA_DIGEST: data.digest})
         log_config(config, run_id)
         return config, data
+
+
+def objective_name(metric: str) -> str:
+    """The name :func:`~qi.evaluation.metrics.binary_metrics` gives a validation metric."""
+    name = metric.split("/", 1)[-1]
+    return "log_loss" if name == "loss" else name
+
+
+def cross_validated_figures(config: RunConfig, data: PreparedData, folds: int) -> dict:
+    """Binary figures of the out-of-fold predictions over train+validation at 0.5."""
+    labels, probabilities = out_of_fold_probabilities(config, data, folds)
+    return binary_metrics(labels, probabilities, 0.5)
 
 
 def no_larger_than_the_files(config: RunConfig, source_size: int | None) -> RunConfig:
