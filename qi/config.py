@@ -358,6 +358,9 @@ class DetectorConfig(Checked):
         "highest, PatchCore's; more: steadier on defects that span patches, such as cracks).",
         check=positive,
     )
+    # neighbourhood averaging counts zeros beyond the map's border (PatchCore's); detectors
+    # logged before 2026-12-07 averaged the cells inside the map only (their specs say False)
+    zero_padding: bool = True
     max_false_alarm_rate: float = option(
         0.01,
         "Anomaly without defects in validation: the threshold flags this share of the held-out "

