@@ -14,9 +14,12 @@ Printed per data set: test ROC AUC (and per defect kind where the data names kin
 accuracy at the chosen threshold, fit seconds, memory-bank MB, peak memory of this process,
 and ms per image through torch, the pyfunc and ONNX Runtime (batches of 32).
 
-anomalib's own PatchCore is not run: anomalib 2.7 (PyPI) brings freia, kornia, jsonargparse,
-omegaconf, imagecodecs, torchmetrics and more into an environment qi keeps lean, so this
-script does not install it (see the README).
+Beside it, where anomalib is installed (the ``bench`` extra), anomalib's own PatchCore
+(``PatchcoreModel``: its 3x3 feature pooling, memory bank, k-centre greedy coreset, re-weighted
+image score and anomaly map) on the same images, the same encoder stages and the same coreset
+ratio: test ROC AUC, fit seconds, bank MB, ms per image. Its feature extractor is given qi's
+encoder stages directly: anomalib traces an ``nn.Module`` backbone with torch.fx, which
+timm's TensorFlow "same" padding (computed from the input size at run time) does not survive.
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
+import torch
 from _common import benchmark_args
 from sklearn.metrics import roc_auc_score
 
@@ -60,7 +64,71 @@ def _onnx_ms(net, spec: ModelSpec, images: np.ndarray, folder: Path) -> float:
     return _ms_per_image(lambda b: session.run(None, {"image": b}), images)
 
 
-def measure(name: str, root: Path, size: int, detector: DetectorConfig) -> None:
+DEFAULTS = DetectorConfig()  # qi train --method anomaly's settings
+
+
+class _QiStages(torch.nn.Module):
+    """qi's encoder stages as anomalib's feature extractor: layer name -> feature map."""
+
+    def __init__(self, net, layers: list[str]) -> None:
+        super().__init__()
+        self.net, self.layers = net, layers
+
+    def train(self, mode: bool = True) -> _QiStages:
+        """Frozen, as anomalib's own extractor keeps its backbone: batch norm in eval mode
+        even while PatchCore "trains" (collects its patches)."""
+        return super().train(False)
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        normalised = (x - self.net.mean) / self.net.std
+        maps = self.net.encoder.stage_features(normalised, self.net.stage_indices)
+        return dict(zip(self.layers, maps, strict=True))
+
+
+@torch.inference_mode()
+def measure_anomalib(net, data, detector: DetectorConfig) -> None:
+    """anomalib's PatchCore on qi's encoder stages (see the module docstring)."""
+    try:
+        from anomalib.models.image.patchcore.torch_model import PatchcoreModel
+    except ImportError:
+        print("anomalib PatchCore: not run (anomalib is not installed: pip install -e '.[bench]')")
+        return
+    # a random ResNet-18 (nothing downloaded) stands in until the extractor is replaced; qi's
+    # stages take its layers' names, which anomalib checks against the stand-in
+    layers = [f"layer{i + 2}" for i in range(len(detector.stage_strides))]
+    model = PatchcoreModel(layers=layers, backbone="resnet18", pre_trained=False)
+    model.feature_extractor = _QiStages(net, layers)
+    good, labels = data.split("train")
+    good = good[labels == 0]
+
+    def tensor(batch: np.ndarray) -> torch.Tensor:
+        return torch.from_numpy(batch).permute(0, 3, 1, 2).float()
+
+    started = time.perf_counter()
+    model.train()
+    for start in range(0, len(good), 16):
+        model(tensor(good[start : start + 16]))
+    model.subsample_embedding(detector.coreset_ratio)
+    fit_seconds = time.perf_counter() - started
+    model.eval()
+    images, labels = data.split("test")
+
+    def score(batch: np.ndarray) -> np.ndarray:
+        return model(tensor(batch)).pred_score.reshape(-1).numpy()
+
+    scores = np.concatenate([score(images[s : s + 16]) for s in range(0, len(images), 16)])
+    bank_mb = model.memory_bank.numel() * model.memory_bank.element_size() / 2**20
+    print(
+        f"anomalib PatchCore (2.x, same encoder stages, coreset {detector.coreset_ratio}): "
+        f"test ROC AUC {roc_auc_score(labels, scores):.4f}, fit {fit_seconds:.1f} s, "
+        f"bank {len(model.memory_bank)} patches ({bank_mb:.1f} MB fp32), "
+        f"{_ms_per_image(score, images):.1f} ms per image"
+    )
+
+
+def measure(
+    name: str, root: Path, size: int, detector: DetectorConfig, with_anomalib: bool
+) -> None:
     config = RunConfig(
         data=DataConfig(data_dir=root, image_size=size, color_mode="gray"), detector=detector
     )
@@ -103,6 +171,8 @@ def measure(name: str, root: Path, size: int, detector: DetectorConfig) -> None:
     print(f"ms per image: torch {torch_ms:.1f}, ONNX Runtime {onnx_ms:.1f}")
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024
     print(f"peak memory of this process so far {peak} MiB")
+    if with_anomalib:
+        measure_anomalib(net, data, detector)
 
 
 def main() -> None:
@@ -110,12 +180,13 @@ def main() -> None:
         __doc__,
         quick={"sets": "castings", "castings_images": 120},
         sets="elpv,castings",
-        strides="8,16",
-        neighbourhood=3,
-        coreset_ratio=0.01,
-        neighbours=1,
+        strides=",".join(str(s) for s in DEFAULTS.stage_strides),
+        neighbourhood=DEFAULTS.neighbourhood,
+        coreset_ratio=DEFAULTS.coreset_ratio,
+        neighbours=DEFAULTS.neighbours,
         elpv_size=224,
         castings_images=1600,
+        anomalib=1,  # 0: qi's detector only (anomalib's coreset is slow at large ratios)
     )
     keep_freed_memory()
     detector = DetectorConfig(
@@ -134,7 +205,7 @@ def main() -> None:
 
             if elpv_installed():
                 root = write_elpv("mono", Path(tmp) / "elpv")
-                measure("ELPV mono", root, args.elpv_size, detector)
+                measure("ELPV mono", root, args.elpv_size, detector, bool(args.anomalib))
             else:
                 print("elpv-dataset is not installed: pip install -e '.[bench]'")
         if "castings" in sets:
@@ -146,7 +217,7 @@ def main() -> None:
                 SynthConfig(n_train=int(n * 0.8), n_test=n - int(n * 0.8)),
                 progress=False,
             )
-            measure("castings", root, 128, detector)
+            measure("castings", root, 128, detector, bool(args.anomalib))
 
 
 if __name__ == "__main__":
