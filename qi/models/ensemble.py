@@ -68,42 +68,57 @@ class EnsembleNet(nn.Module):
         """The most views any member averages (what one image costs in encoder passes)."""
         return max(m.test_time_views for m in self.members)
 
-    def _group_outputs(self, group: list[int], images: torch.Tensor) -> list[torch.Tensor]:
-        """``(N, 1 + K)`` view-averaged (defect probability, type probabilities) of each
-        member of ``group``, the shared encoder run once per view."""
+    def _group_outputs(
+        self, group: list[int], images: torch.Tensor, all_views: bool
+    ) -> list[torch.Tensor]:
+        """``(N, 1 + K)`` (defect probability, type probabilities) of each member of
+        ``group``, averaged over its test-time views (``all_views``) or of the image as it
+        is; the shared encoder runs once per view."""
         members = [self.members[p] for p in group]
-        if len(members) == 1:
+        views = [m.test_time_views if all_views else 1 for m in members]
+        if len(members) == 1 and all_views:
             defect, types = members[0].probabilities_and_types(images)
             return [torch.cat([defect[:, None], types], dim=1)]
         first = members[0]
         sums: list[torch.Tensor | None] = [None] * len(members)
-        for view in range(max(m.test_time_views for m in members)):
+        for view in range(max(views)):
             normalised = (dihedral_view(images, view).float() - first.mean) / first.std
-            pooled = first.encoder.pooled_maps(normalised)
-            for i, member in enumerate(members):
-                if view >= member.test_time_views:
+            if len(members) == 1:
+                logits_of = [first.head(first.encoder(normalised))]
+            else:
+                pooled = first.encoder.pooled_maps(normalised)
+                logits_of = [m.head(pooled[:, m.encoder.pooled_columns()]) for m in members]
+            for i, logits in enumerate(logits_of):
+                if view >= views[i]:
                     continue
-                logits = member.head(pooled[:, member.encoder.pooled_columns()]).float()
+                logits = logits.float()
                 both = torch.cat(
                     [torch.sigmoid(logits[:, :1]), torch.softmax(logits[:, 1:], dim=1)], dim=1
                 )
                 sums[i] = both if sums[i] is None else sums[i] + both
-        return [s / m.test_time_views for s, m in zip(sums, members, strict=True)]
+        return [s / v for s, v in zip(sums, views, strict=True)]
 
-    def probabilities_and_types(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def _averaged(self, images: torch.Tensor, all_views: bool) -> torch.Tensor:
         total = None
         for group in self.groups:
-            for position, output in zip(group, self._group_outputs(group, images), strict=True):
+            outputs = self._group_outputs(group, images, all_views)
+            for position, output in zip(group, outputs, strict=True):
                 weighted = self.weights[position] * output
                 total = weighted if total is None else total + weighted
+        return total
+
+    def probabilities_and_types(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        total = self._averaged(images, all_views=True)
         return total[:, 0], total[:, 1:]
 
     def probabilities(self, images: torch.Tensor) -> torch.Tensor:
         return self.probabilities_and_types(images)[0]
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        """The logit of the averaged defect probability (what Grad-CAM differentiates)."""
-        return torch.logit(self.probabilities(images), eps=1e-6)
+        """The logit of the members' averaged defect probability of the image as it is, one
+        view each, as a single network's ``forward``: what Grad-CAM differentiates (through
+        every test-time view its backward pass would hold eight encoders' activations)."""
+        return torch.logit(self._averaged(images, all_views=False)[:, 0], eps=1e-6)
 
     @property
     def cam_layers(self) -> list[nn.Module]:

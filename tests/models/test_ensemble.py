@@ -80,6 +80,18 @@ def test_ensemble_is_the_weighted_mean_of_its_members_with_one_encoder_pass(tmp_
     assert path.stat().st_size < 1.5 * encoder + 10 * single.stat().st_size
 
 
+def test_forward_reads_one_view_per_member_as_a_single_network_does():
+    """Grad-CAM differentiates forward: the image as it is, not every test-time view."""
+    nets, specs = _members()
+    images = torch.randint(0, 256, (2, 1, 64, 64), dtype=torch.uint8)
+    with torch.inference_mode():
+        alone = [torch.sigmoid(n(images)) for n in nets]
+        ensemble = build_ensemble(_spec(specs, [0.5, 0.25, 0.25]), nets)
+        logit = ensemble(images)
+    expected = 0.5 * alone[0] + 0.25 * alone[1] + 0.25 * alone[2]
+    torch.testing.assert_close(torch.sigmoid(logit), expected, atol=1e-5, rtol=1e-4)
+
+
 @pytest.mark.slow
 def test_ensemble_exports_to_onnx_with_parity(tmp_path):
     import onnxruntime
