@@ -187,7 +187,7 @@ def log_ensemble_choice(choice: EnsembleChoice, parent_run_id: str) -> None:
     log_metrics(
         {
             "ensemble_val_log_loss": choice.ensemble_loss,
-            "best_trial_val_log_loss": choice.best_single_loss,
+            "best_single_val_log_loss": choice.best_single_loss,
             "ensemble_members": len(choice.members),
         },
         parent_run_id,

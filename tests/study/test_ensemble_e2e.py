@@ -56,7 +56,7 @@ def test_a_study_registers_an_ensemble_that_serves_explains_and_exports(castings
     assert told.startswith("an ensemble of")
     assert (
         parent.data.metrics["ensemble_val_log_loss"]
-        < parent.data.metrics["best_trial_val_log_loss"]
+        < parent.data.metrics["best_single_val_log_loss"]
     )
     client = mlflow.MlflowClient()
     version = client.get_model_version_by_alias("quality-inspector", "champion")
