@@ -1,8 +1,9 @@
-"""Design measurements on cached frozen-encoder features: which stages, which type head.
+"""Design measurements on cached frozen-encoder features: which stages, which type head,
+which head kind.
 
-    pip install -e ".[bench]"                      # elpv-dataset for the stages measurement
-    python benchmarks/cached_heads.py              # both measurements
-    python benchmarks/cached_heads.py --only stages   # or: types
+    pip install -e ".[bench]"                      # elpv-dataset for the ELPV measurements
+    python benchmarks/cached_heads.py              # all three measurements
+    python benchmarks/cached_heads.py --only stages   # or: types, heads
     python benchmarks/cached_heads.py --quick      # smoke run (used by the tests)
 
 Both read qi's own feature cache (:mod:`qi.data.embeddings`: EfficientNet-Lite0 at 224 px,
@@ -19,6 +20,11 @@ optimiser), so they compare the *features* and the *design*, not a training reci
   design) against one softmax over ok + the types (defect probability 1 - p(ok)): binary ROC
   AUC and accuracy, type accuracy and macro F1 among the caught defects, 5-fold over
   train + validation (mean and spread) and on test.
+- ``heads``: the ELPV mono cells; qi's own heads (``--head-kind`` mlp, logistic, svm, at
+  several C) through qi's own code: 5-fold out-of-fold figures over train + validation
+  (:func:`qi.fit.fitting.out_of_fold_probabilities`, what ``--cv-folds 5`` scores a trial
+  by) and the test split's after qi's fit on train (early stopping on validation); seconds
+  per fit once the features are cached.
 """
 
 from __future__ import annotations
@@ -193,11 +199,73 @@ def types(quick: bool) -> list[str]:
     return lines
 
 
+HEADS = {
+    "mlp, linear": {"head_kind": "mlp", "head_hidden": 0},
+    "mlp, 256 hidden": {"head_kind": "mlp", "head_hidden": 256},
+    **{f"logistic, C={c:g}": {"head_kind": "logistic", "head_c": c} for c in (1e-3, 1e-2, 1e-1)},
+    **{f"svm, C={c:g}": {"head_kind": "svm", "head_c": c} for c in (1.0, 10.0)},
+}
+
+
+def heads(quick: bool) -> list[str]:
+    from dataclasses import replace
+
+    from sklearn.metrics import accuracy_score, roc_auc_score
+
+    from qi.config import RunConfig
+    from qi.evaluation.scoring import validation_probabilities
+    from qi.fit.fitting import fit, out_of_fold_probabilities
+    from qi.study.space import FROZEN_HEAD
+
+    with tempfile.TemporaryDirectory(prefix="qi-heads-") as tmp:
+        from real_data import elpv_installed, write_elpv, write_stand_in
+
+        folder = Path(tmp) / "cells"
+        if elpv_installed() and not quick:
+            write_elpv("mono", folder)
+            source = "ELPV mono cells, 75/25 stratified, seed 42"
+        else:
+            write_stand_in(folder)
+            source = "synthetic stand-in"
+        size = 64 if quick else 224
+        data = prepared(folder, size)
+    base = RunConfig()
+    base = replace(
+        base,
+        data=replace(base.data, image_size=size),
+        model=replace(base.model, **FROZEN_HEAD),
+        train=replace(base.train, epochs=2 if quick else base.train.epochs),
+    )
+    test_images, test_labels = data.split("test")
+    k = 2 if quick else 5
+    lines = [
+        f"heads ({source}; Lite0 {size} px, avgmax, 8 views; qi's fit and TrainConfig defaults)",
+        f"| head | {k}-fold ROC AUC | {k}-fold acc@0.5 | test ROC AUC | test acc@0.5 | "
+        "seconds per fit |",
+        "| --- | --- | --- | --- | --- | --- |",
+    ]
+    out_of_fold_probabilities(base, data, k)  # fills the feature cache: fits are timed alone
+    for name, fields in HEADS.items():
+        config = replace(base, model=replace(base.model, **fields))
+        started = time.perf_counter()
+        labels, scores = out_of_fold_probabilities(config, data, k)
+        net = fit(config, data, run_id=None, progress=False).net
+        seconds = (time.perf_counter() - started) / (k + 1)
+        tested = validation_probabilities(net, test_images)
+        lines.append(
+            f"| {name} | {roc_auc_score(labels, scores):.4f} | "
+            f"{accuracy_score(labels, scores >= 0.5):.4f} | "
+            f"{roc_auc_score(test_labels, tested):.4f} | "
+            f"{accuracy_score(test_labels, tested >= 0.5):.4f} | {seconds:.1f} |"
+        )
+    return lines
+
+
 def main() -> None:
     args = benchmark_args(__doc__, quick={}, only="")
     os.environ.setdefault("QI_CACHE_DIR", tempfile.mkdtemp(prefix="qi-heads-cache-"))
     print(f"machine: {os.cpu_count()} CPUs; cache {os.environ['QI_CACHE_DIR']}")
-    for name, measure in (("stages", stages), ("types", types)):
+    for name, measure in (("stages", stages), ("types", types), ("heads", heads)):
         if args.only in ("", name):
             for line in measure(args.quick):
                 print(line, flush=True)

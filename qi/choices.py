@@ -30,6 +30,9 @@ TIMM_PREFIX = "timm:"
 ACTIVATIONS = ("relu", "gelu", "silu", "leaky_relu", "elu")  # qi.models.cnn.ACTIVATIONS
 POOLINGS = ("max", "avg", "avgmax")  # qi.models.parts.GlobalPool
 FINETUNE_MODES = ("head", "last", "all")  # qi.models.InspectionNet.set_finetune
+# how a head on a frozen encoder's cached features is fitted: mlp by gradient (Lightning),
+# logistic and svm by scikit-learn, copied into torch layers (qi.fit.estimators)
+HEAD_KINDS = ("mlp", "logistic", "svm")
 AUGMENTATIONS = ("affine", "dihedral")  # qi.data.augmentation.build_augmentation
 # classifier: learns good and defective; anomaly: learns good images only (qi.anomaly)
 METHODS = ("auto", "classifier", "anomaly")  # qi.anomaly.method.choose_method

@@ -60,6 +60,7 @@ _promotion_metrics = choices.PROMOTION_METRICS
 _poolings = choices.POOLINGS
 _augmentations = choices.AUGMENTATIONS
 _finetune_modes = choices.FINETUNE_MODES
+_head_kinds = choices.HEAD_KINDS
 _methods = choices.METHODS
 _defect_type_modes = choices.DEFECT_TYPE_MODES
 
@@ -164,6 +165,11 @@ class DataConfig(Checked):
         return 1 if self.color_mode == "gray" else 3
 
 
+# the C of a logistic or svm head where --head-c is not given: the best of each kind's 5-fold
+# ROC AUC and accuracy on the ELPV mono cells (benchmarks/cached_heads.py --only heads)
+DEFAULT_HEAD_C = {"logistic": 0.01, "svm": 10.0}
+
+
 @dataclass(frozen=True)
 class ModelConfig(Checked):
     """Which network; CNN fields apply to ``name='cnn'``, ``pretrained`` and ``finetune`` to
@@ -190,6 +196,21 @@ class ModelConfig(Checked):
     dropout: float = option(0.2, "Dropout before the classifier.", check=fraction)
     head_hidden: int = option(
         0, "Hidden units of the classifier head (0: a linear head).", check=not_negative
+    )
+    head_kind: str = option(
+        "mlp",
+        "Backbones with --finetune head: how the head is fitted on the cached features. mlp: "
+        "by gradient, as the rest of the network (linear, or --head-hidden units); logistic: "
+        "scikit-learn's L2 logistic regression; svm: an RBF support-vector machine with "
+        "Platt-calibrated probabilities. The fitted estimator becomes torch layers: served, "
+        "explained and exported as any head.",
+        choices=_head_kinds,
+    )
+    head_c: float | None = option(
+        None,
+        "Inverse regularisation strength C of the logistic and svm heads (smaller: simpler); "
+        "default 0.01 for logistic, 10 for svm.",
+        check=positive,
     )
     batch_norm: bool = True
     pretrained: str | None = option(
@@ -493,6 +514,20 @@ class SearchSpace(Checked):
     )
     head_hidden: tuple[int, ...] = option(
         (0, 256), "Hidden units of a backbone's head (0: linear).", check=_not_empty
+    )
+    # 5-fold on the ELPV mono cells, cached Lite0 features (benchmarks/cached_heads.py):
+    # logistic and svm heads above both mlp heads in ROC AUC and accuracy
+    head_kinds: tuple[str, ...] = option(
+        ("logistic", "svm", "mlp"),
+        "How frozen-encoder heads are fitted (mlp, logistic, svm; see --head-kind).",
+        choices=_head_kinds,
+        check=_not_empty,
+    )
+    logistic_c: tuple[float, ...] = option(
+        (1e-3, 0.3), "The logistic head's C (log scale).", check=_ordered_range
+    )
+    svm_c: tuple[float, ...] = option(
+        (0.3, 30.0), "The svm head's C (log scale).", check=_ordered_range
     )
     test_time_views: tuple[int, ...] = option(
         (1, 8), "Test-time views of frozen-encoder models.", check=_not_empty

@@ -4,6 +4,7 @@ from pathlib import Path
 
 import lightning.pytorch as pl
 import mlflow
+import numpy as np
 import pandas as pd
 import pytest
 import torch
@@ -129,3 +130,49 @@ def test_a_frozen_backbone_trains_its_head_on_cached_features_and_serves_whole(t
         pd.DataFrame({"image": [Path(p).read_bytes() for p in frame["image_path"]]})
     )
     assert served["defect_probability"].to_numpy() == pytest.approx(from_cache.numpy(), abs=5e-3)
+
+
+@pytest.mark.slow
+def test_an_svm_head_trains_serves_explains_and_exports(tiny_casting, tmp_path):
+    """`qi train --head-kind svm`: scikit-learn fits the head once (one validation pass is its
+    curve), the registered pyfunc answers as the head on cached features, Grad-CAM explains
+    through the kernel and the ONNX export keeps every decision."""
+    from click.testing import CliRunner
+
+    from qi.cli import cli
+    from qi.data.embeddings import embeddings
+    from qi.models.parts import HeadOnViews
+
+    arguments = ["train", "--data-dir", str(tiny_casting), "--model", "efficientnet_lite0"]
+    arguments += ["--finetune", "head", "--head-kind", "svm", "--head-c", "3", "--image-size"]
+    arguments += ["64", "--test-time-views", "2", "--no-progress"]
+    result = CliRunner().invoke(cli, arguments)
+    assert result.exit_code == 0, result.output
+    (run,) = mlflow.search_runs(experiment_names=["qi"], output_format="list")
+    assert run.data.params["model.head_kind"] == "svm" and "test/auroc" in run.data.metrics
+    client = mlflow.MlflowClient()
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "val/loss")] == [0]
+    model_uri = f"runs:/{run.info.run_id}/model"
+    model = mlflow.pyfunc.load_model(model_uri)
+    net = model.unwrap_python_model().net
+    assert len(net.head[1].support) > 0  # the support vectors travelled as tensors
+    files = sorted(tiny_casting.rglob("*.png"))[:6]
+    served = model.predict(pd.DataFrame({"image": [f.read_bytes() for f in files]}))
+    from qi.data.preprocessing import load_and_preprocess
+
+    spec = model.unwrap_python_model().spec
+    images = np.stack([load_and_preprocess(str(f), spec.preprocess) for f in files])
+    cached = embeddings(net, images, views=2, progress=False)
+    with torch.no_grad():
+        expected = torch.sigmoid(HeadOnViews(net.head)(torch.from_numpy(cached).transpose(0, 1)))
+    np.testing.assert_allclose(served["defect_probability"], expected.numpy(), atol=5e-3)
+
+    out = tmp_path / "explained"
+    done = CliRunner().invoke(
+        cli, ["explain", "--model", model_uri, "-o", str(out), *[str(f) for f in files[:2]]]
+    )
+    assert done.exit_code == 0, done.output
+    assert len(list(out.glob("*.png"))) == 2
+    done = CliRunner().invoke(cli, ["export", "--model", model_uri, "-o", str(tmp_path / "onnx")])
+    assert done.exit_code == 0, done.output
+    assert "0 decisions differ" in done.output

@@ -246,6 +246,7 @@ class FeatureDataModule(pl.LightningDataModule):
         )
         self.batch_size = config.batch_size * views
         self.seed = config.seed
+        self.training_arrays = (train, train_labels)  # what a scikit-learn head is fitted on
 
     def train_dataloader(self) -> DataLoader:
         return DataLoader(

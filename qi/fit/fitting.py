@@ -32,6 +32,7 @@ from qi.fit.callbacks import (
     WarmEarlyStopping,
     fit_interruptibly,
 )
+from qi.fit.estimators import fit_estimator_head
 from qi.fit.module import InspectionModule
 from qi.fit.precision import trainer_precision
 from qi.models import InspectionNet, build_model
@@ -64,6 +65,7 @@ def fit(
     net = build_model(
         config.model, data.preprocess.channels, data.preprocess.image_size, defect_types=types
     )
+    estimated = net.finetune == "head" and config.model.head_kind != "mlp"
     if net.finetune == "head":  # a frozen encoder: train the head on its cached features
         datamodule = feature_datamodule(net, data, config, progress)
         learner: nn.Module = HeadOnViews(net.head)
@@ -76,7 +78,15 @@ def fit(
     logger = None
     if run_id is not None:
         logger = AttachedMLFlowLogger(tracking_uri=mlflow.get_tracking_uri(), run_id=run_id)
-    seconds = train_and_restore_best(module, datamodule, train, logger, callbacks, progress)
+    if estimated:  # scikit-learn fits it at once; Lightning scores it as it scores an epoch
+        started = time.perf_counter()
+        fit_estimator_head(
+            net.head, *datamodule.training_arrays, config.model, train.balance_classes
+        )
+        validate(module, datamodule, train, logger)
+        seconds = time.perf_counter() - started
+    else:
+        seconds = train_and_restore_best(module, datamodule, train, logger, callbacks, progress)
     best = _best_epoch(module.history, monitor)
     epochs_run = len(module.history)
     n_train = int((data.frame["split"] == "train").sum())
@@ -152,6 +162,28 @@ def train_and_restore_best(
     return seconds
 
 
+def validate(
+    module: InspectionModule,
+    datamodule: pl.LightningDataModule,
+    train: TrainConfig,
+    logger: AttachedMLFlowLogger | None = None,
+) -> None:
+    """One validation pass of ``module`` as it is (a head fitted outside Lightning): its
+    figures logged and kept in ``module.history`` as an epoch's are."""
+    trainer = pl.Trainer(
+        accelerator=train.accelerator,
+        devices=1,
+        precision=trainer_precision(train),
+        logger=logger if logger is not None else False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_val_batches=train.limit_batches,
+    )
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", ".*does not have many workers.*")
+        trainer.validate(module, datamodule=datamodule, verbose=False)
+
+
 def out_of_fold_probabilities(
     config: RunConfig, data: PreparedData, folds: int, progress: bool = False
 ) -> tuple[np.ndarray, np.ndarray]:
@@ -183,12 +215,17 @@ def out_of_fold_probabilities(
         ).head
         head[0].set_from(torch.from_numpy(features[:, fitted].reshape(-1, features.shape[-1])))
         learner = HeadOnViews(head)
-        datamodule = FeatureDataModule(
-            features[:, fitted], targets[fitted], features[:views, held], targets[held],
-            config.data,
-        )  # fmt: skip
-        module = InspectionModule(learner, train, positive_weight=weight, n_types=len(types))
-        train_and_restore_best(module, datamodule, train, progress=False)
+        if config.model.head_kind != "mlp":
+            fit_estimator_head(
+                head, features[:, fitted], targets[fitted], config.model, train.balance_classes
+            )
+        else:
+            datamodule = FeatureDataModule(
+                features[:, fitted], targets[fitted], features[:views, held], targets[held],
+                config.data,
+            )  # fmt: skip
+            module = InspectionModule(learner, train, positive_weight=weight, n_types=len(types))
+            train_and_restore_best(module, datamodule, train, progress=False)
         with torch.inference_mode():
             held_features = torch.from_numpy(features[:views, held]).permute(1, 0, 2)
             probabilities[held] = torch.sigmoid(learner.eval()(held_features)).numpy()

@@ -210,7 +210,13 @@ def build_model(
     else:
         encoder = architecture.encoder(config, channels, size)
     head = build_head(
-        encoder.feature_dim, config.dropout, config.head_hidden, outputs=1 + len(defect_types)
+        encoder.feature_dim,
+        config.dropout,
+        config.head_hidden,
+        outputs=1 + len(defect_types),
+        # a backbone's head on its frozen features; also when a saved whole network is loaded
+        # (then without pretrained weights: the file has them)
+        kind=config.head_kind if architecture.pretrained and config.finetune == "head" else "mlp",
     )
     mean, std = architecture.mean, architecture.std
     if channels == 1:  # a gray image is the sum-of-filters stem's average channel

@@ -54,9 +54,59 @@ class Standardize(nn.Module):
         return (x - self.mean) / self.scale
 
 
-def build_head(dim: int, dropout: float, hidden: int = 0, outputs: int = 1) -> nn.Sequential:
+class KernelHead(nn.Module):
+    """An RBF support-vector machine as torch layers (what an ``svm`` head's scikit-learn
+    estimator is copied into): the decision value ``sum_i dual_i exp(-gamma |x - s_i|^2) +
+    intercept`` over the support vectors ``s_i``, turned into the defect logit by its Platt
+    calibration ``-(a f + b)``; the type logits from a linear layer on the same (standardised)
+    features. Being torch, it is served, differentiated (Grad-CAM) and exported to ONNX as any
+    head, and loaded from tensors, never unpickled. The number of support vectors is known
+    only after fitting, so loading sizes the buffers from the saved state."""
+
+    def __init__(self, dim: int, types: int = 0) -> None:
+        super().__init__()
+        self.register_buffer("support", torch.zeros(0, dim))
+        self.register_buffer("dual", torch.zeros(0))
+        self.register_buffer("calibration", torch.zeros(4))  # gamma, intercept, a, b
+        self.types = nn.Linear(dim, types) if types else None
+
+    def set_from(self, support, dual, gamma: float, intercept: float, a: float, b: float):
+        self.support = torch.as_tensor(support, dtype=torch.float32).clone()
+        self.dual = torch.as_tensor(dual, dtype=torch.float32).reshape(-1).clone()
+        self.calibration = torch.tensor([gamma, intercept, a, b], dtype=torch.float32)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        for name in ("support", "dual"):
+            if prefix + name in state_dict:
+                setattr(self, name, torch.empty_like(state_dict[prefix + name]))
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gamma, intercept, a, b = (self.calibration[i] for i in range(4))
+        x = x.float()
+        squared = (
+            (x * x).sum(1, keepdim=True)
+            - 2 * x @ self.support.T
+            + (self.support * self.support).sum(1)[None]
+        ).clamp_min(0)
+        decision = torch.exp(-gamma * squared) @ self.dual + intercept
+        logit = -(a * decision + b)
+        if self.types is None:
+            return logit[:, None]
+        return torch.cat([logit[:, None], self.types(x)], dim=1)
+
+
+def build_head(
+    dim: int, dropout: float, hidden: int = 0, outputs: int = 1, kind: str = "mlp"
+) -> nn.Sequential:
     """Feature vector -> ``outputs`` logits (the defect's, then the types'): a linear
-    classifier, or one hidden layer of ``hidden``, shared by all outputs."""
+    classifier, or one hidden layer of ``hidden``, shared by all outputs (``kind`` mlp);
+    a linear layer a logistic regression is copied into (``logistic``: ``hidden`` does not
+    apply); a :class:`KernelHead` (``svm``)."""
+    if kind == "svm":
+        return nn.Sequential(Standardize(dim), KernelHead(dim, outputs - 1))
+    if kind == "logistic":
+        hidden = 0
     layers: list[nn.Module] = [Standardize(dim), nn.Dropout(dropout)]
     if hidden > 0:
         layers += [nn.Linear(dim, hidden), nn.SiLU(), nn.Dropout(dropout)]

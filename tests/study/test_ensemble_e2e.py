@@ -26,6 +26,7 @@ HEADS = {
     "backbone_image_sizes": [64],
     "models": ["efficientnet_lite0"],
     "finetune": ["head"],
+    "head_kinds": ["mlp"],
     "test_time_views": [1, 2],
 }
 MODEL = "models:/quality-inspector@champion"

@@ -8,6 +8,7 @@ import optuna
 import pytest
 from optuna.trial import FixedTrial, TrialState
 
+from qi.choices import HEAD_KINDS
 from qi.config import DataConfig, ModelConfig, RunConfig, SearchSpace, TuneConfig
 from qi.options import json_objects
 from qi.storage import default_storage_path
@@ -16,6 +17,7 @@ from qi.study.space import (
     apply_params,
     learning_rate_range,
     load_search_space,
+    params_of,
     starting_trials,
     suggest_params,
 )
@@ -56,6 +58,8 @@ def test_sgd_samples_its_own_learning_rate_range():
     study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
     for _ in range(30):
         params = suggest_params(study.ask(), space)
+        if "train.optimizer" not in params:  # a head scikit-learn fits
+            continue
         low, high = learning_rate_range(space, params["train.optimizer"])
         assert low <= params["train.learning_rate"] <= high
     assert learning_rate_range(space, "sgd") == space.sgd_learning_rate
@@ -96,6 +100,10 @@ def test_search_space_file_and_enqueue_parsing(tmp_path):
     path.write_text(json.dumps({"models": ["vgg"]}))
     with pytest.raises(ValueError, match="unknown model"):
         load_search_space(path)
+    path.write_text(json.dumps({"head_kinds": ["mlp", "forest"]}))
+    with pytest.raises(ValueError, match=r"search space file .*forest.*logistic") as told:
+        load_search_space(path)
+    assert "\n" not in str(told.value)
     assert json_objects('{"model.width": 8}') == ({"model.width": 8},)
     with pytest.raises(ValueError, match="JSON"):
         json_objects("{not json")
@@ -280,22 +288,61 @@ def test_the_space_is_conditional_on_the_kind_of_model():
     assert kinds == {"cnn", "head", "fine-tune"}
 
 
+def test_heads_fitted_by_scikit_learn_sample_their_c_and_no_optimiser():
+    """A logistic or svm head has its own C and none of the gradient fit's settings; an mlp
+    head keeps them; the kind is sampled for frozen encoders only."""
+    space = SearchSpace(
+        models=("efficientnet_lite0",), finetune=("head", "all"), head_kinds=HEAD_KINDS
+    )
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=3))
+    seen = set()
+    for _ in range(80):
+        params = suggest_params(study.ask(), space)
+        config = apply_params(RunConfig(), params)
+        if params["model.finetune"] != "head":
+            assert "model.head_kind" not in params and "train.optimizer" in params
+            continue
+        kind = params["model.head_kind"]
+        seen.add(kind)
+        assert config.model.head_kind == kind
+        gradient = {"train.optimizer", "train.learning_rate", "data.batch_size"}
+        if kind == "mlp":
+            assert gradient <= set(params) and "model.head_hidden" in params
+            continue
+        assert not gradient & set(params) and "model.head_hidden" not in params
+        low, high = space.logistic_c if kind == "logistic" else space.svm_c
+        assert low <= config.model.head_c <= high
+        assert params == params_of(config)  # a trial to enqueue reads back the same
+    assert seen == set(HEAD_KINDS)
+
+
 def test_a_new_study_starts_cheap_then_with_qi_trains_configuration():
     space = SearchSpace(feature_stages=("none", "32", "16,32"))
-    linear, staged, hidden, hidden_staged, second = starting_trials(RunConfig(), space)
-    head = apply_params(RunConfig(), linear)
+    first, staged, svm, svm_staged, hidden, hidden_staged, second = starting_trials(
+        RunConfig(), space
+    )
+    head = apply_params(RunConfig(), first)
     assert head.model.name == "efficientnet_lite0" and head.model.finetune == "head"
-    assert head.model.test_time_views == 8 and head.model.head_hidden == 0
-    assert head.model.feature_stages == () and linear["model.feature_stages"] == "none"
+    assert head.model.test_time_views == 8 and head.model.head_kind == "logistic"
+    assert head.model.head_c == 0.01 and "train.optimizer" not in first
+    assert head.model.feature_stages == () and first["model.feature_stages"] == "none"
     # the same heads reading the stride 16 and 32 stages too: the same cached encoder pass
     assert apply_params(RunConfig(), staged).model.feature_stages == (16, 32)
+    assert apply_params(RunConfig(), svm).model.head_kind == "svm"
+    assert apply_params(RunConfig(), svm).model.head_c == 10.0
+    assert apply_params(RunConfig(), svm_staged).model.feature_stages == (16, 32)
+    assert apply_params(RunConfig(), hidden).model.head_kind == "mlp"
     assert apply_params(RunConfig(), hidden).model.head_hidden == 256
     assert apply_params(RunConfig(), hidden_staged).model.feature_stages == (16, 32)
     assert apply_params(RunConfig(), second) == RunConfig()
     # the default space, without staged features, starts with the last map's heads only
-    assert len(starting_trials(RunConfig(), SearchSpace())) == 3
+    assert len(starting_trials(RunConfig(), SearchSpace())) == 4
     (only,) = starting_trials(RunConfig(), SearchSpace(models=("cnn",)))
     assert only == second
+    # where no logistic head may run, the linear one is fitted by gradient
+    linear, hidden, _ = starting_trials(RunConfig(), SearchSpace(head_kinds=("mlp",)))
+    assert apply_params(RunConfig(), linear).model.head_hidden == 0
+    assert apply_params(RunConfig(), linear).model.head_kind == "mlp"
 
 
 def test_backbones_do_not_look_at_images_larger_than_the_files():
