@@ -203,7 +203,12 @@ HEADS = {
     "mlp, linear": {"head_kind": "mlp", "head_hidden": 0},
     "mlp, 256 hidden": {"head_kind": "mlp", "head_hidden": 256},
     **{f"logistic, C={c:g}": {"head_kind": "logistic", "head_c": c} for c in (1e-3, 1e-2, 1e-1)},
-    **{f"svm, C={c:g}": {"head_kind": "svm", "head_c": c} for c in (1.0, 10.0)},
+    **{f"svm, C={c:g}, all copies": {"head_kind": "svm", "head_c": c} for c in (1.0, 10.0)},
+    # how many training copies the svm is fitted on (qi.fit.estimators.SVM_MAX_SAMPLES)
+    **{
+        f"svm, C=10, {n:,} sampled copies": {"head_kind": "svm", "head_c": 10.0, "samples": n}
+        for n in (4096, 2600)
+    },
 }
 
 
@@ -214,6 +219,7 @@ def heads(quick: bool) -> list[str]:
 
     from qi.config import RunConfig
     from qi.evaluation.scoring import validation_probabilities
+    from qi.fit import estimators
     from qi.fit.fitting import fit, out_of_fold_probabilities
     from qi.study.space import FROZEN_HEAD
 
@@ -245,12 +251,16 @@ def heads(quick: bool) -> list[str]:
         "| --- | --- | --- | --- | --- | --- |",
     ]
     out_of_fold_probabilities(base, data, k)  # fills the feature cache: fits are timed alone
+    default_samples = estimators.SVM_MAX_SAMPLES
     for name, fields in HEADS.items():
+        fields = dict(fields)
+        estimators.SVM_MAX_SAMPLES = fields.pop("samples", 10**9)  # all copies, or a sample
         config = replace(base, model=replace(base.model, **fields))
         started = time.perf_counter()
         labels, scores = out_of_fold_probabilities(config, data, k)
         net = fit(config, data, run_id=None, progress=False).net
         seconds = (time.perf_counter() - started) / (k + 1)
+        estimators.SVM_MAX_SAMPLES = default_samples
         tested = validation_probabilities(net, test_images)
         lines.append(
             f"| {name} | {roc_auc_score(labels, scores):.4f} | "

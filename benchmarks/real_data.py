@@ -155,6 +155,7 @@ def main() -> None:
         ablations=0,
         only="",  # with --ablations: the variants whose name starts with this
         warm=0,
+        tune_args="",  # more `qi tune` options, e.g. "--cv-folds 5 --ensemble-candidates 0"
     )
     with tempfile.TemporaryDirectory(prefix="qi-real-") as tmp:
         root = Path(tmp)
@@ -191,6 +192,7 @@ def default_study(data_dir: Path, env: dict[str, str], args) -> list[str]:
         command += ["--n-trials", str(args.n_trials)]
     if args.quick:
         command += ["--epochs", "2", "--image-size", "32", "--models", "cnn"]
+    command += args.tune_args.split()
     seconds, peak, _ = run_qi(command, env)
     (parent,) = [
         r
@@ -201,7 +203,8 @@ def default_study(data_dir: Path, env: dict[str, str], args) -> list[str]:
     trials = int(parent.data.metrics.get("trials_total", 0))
     best = {k[5:]: v for k, v in parent.data.params.items() if k.startswith("best.")}
     lines = [
-        f"qi tune (default study{'' if not args.timeout else f', timeout {args.timeout:g} s'})",
+        f"qi tune (default study{'' if not args.timeout else f', timeout {args.timeout:g} s'}"
+        f"{f', {args.tune_args}' if args.tune_args else ''})",
         "| figure | value |",
         "| --- | --- |",
     ]
@@ -211,6 +214,7 @@ def default_study(data_dir: Path, env: dict[str, str], args) -> list[str]:
         f"| peak memory | {peak} MiB |",
         f"| trials | {trials} |",
         f"| best trial | {best} |",
+        f"| model | {parent.data.tags.get('qi.ensemble', 'the best trial')} |",
         "",
         "| trial | state | model | val objective | seconds |",
         "| --- | --- | --- | --- | --- |",

@@ -32,7 +32,7 @@ from qi.fit.callbacks import (
     WarmEarlyStopping,
     fit_interruptibly,
 )
-from qi.fit.estimators import fit_estimator_head
+from qi.fit.estimators import fit_estimator_head, fitted_by_scikit_learn
 from qi.fit.module import InspectionModule
 from qi.fit.precision import trainer_precision
 from qi.models import InspectionNet, build_model
@@ -65,7 +65,7 @@ def fit(
     net = build_model(
         config.model, data.preprocess.channels, data.preprocess.image_size, defect_types=types
     )
-    estimated = net.finetune == "head" and config.model.head_kind != "mlp"
+    estimated = fitted_by_scikit_learn(config.model)
     if net.finetune == "head":  # a frozen encoder: train the head on its cached features
         datamodule = feature_datamodule(net, data, config, progress)
         learner: nn.Module = HeadOnViews(net.head)
@@ -215,7 +215,7 @@ def out_of_fold_probabilities(
         ).head
         head[0].set_from(torch.from_numpy(features[:, fitted].reshape(-1, features.shape[-1])))
         learner = HeadOnViews(head)
-        if config.model.head_kind != "mlp":
+        if fitted_by_scikit_learn(config.model):
             fit_estimator_head(
                 head, features[:, fitted], targets[fitted], config.model, train.balance_classes
             )

@@ -27,6 +27,7 @@ from qi.config import RunConfig, TuneConfig
 from qi.data.datamodule import PreparedData, prepare_data
 from qi.evaluation.metrics import METRIC_FUNCTIONS, binary_metrics
 from qi.fit import FitResult, fit
+from qi.fit.estimators import fitted_by_scikit_learn, svm_fit_seconds
 from qi.fit.fitting import out_of_fold_probabilities
 from qi.inference import ModelSpec, load_network, trained_state
 from qi.models import is_pretrained
@@ -231,6 +232,10 @@ class TrialRunner:
             result, summary = fit_detector(config, data)
             log_metrics(summary.metrics(), run_id)
             return result
+        if self._svm_past_deadline(config, data) and _has_complete_trial(trial.study):
+            raise BudgetPruned(
+                "an svm head's fit cannot stop half-way and would end past the study's deadline"
+            )
         pruning = PyTorchLightningPruningCallback(trial, monitor=self.tune.metric)
         callbacks: list[Callback] = [pruning]
         if self.deadline is not None:
@@ -266,7 +271,17 @@ class TrialRunner:
             self.deadline is not None
             and time.monotonic() >= self.deadline
             and result.epochs_run < config.train.epochs
+            and not fitted_by_scikit_learn(config.model)  # fitted whole, whenever it ended
         )
+
+    def _svm_past_deadline(self, config: RunConfig, data: PreparedData) -> bool:
+        """Whether an svm head's fit, at its expected pace, would end past the deadline."""
+        if self.deadline is None or not fitted_by_scikit_learn(config.model):
+            return False
+        if config.model.head_kind != "svm":
+            return False
+        images = int((data.frame["split"] == "train").sum())
+        return time.monotonic() + svm_fit_seconds(images) > self.deadline
 
     def _configure(self, trial: optuna.Trial, run_id: str) -> tuple[RunConfig, PreparedData]:
         config = apply_params(self.base, suggest_params(trial, self.tune.space, self.method))

@@ -1,6 +1,8 @@
 """Heads fitted by scikit-learn (--head-kind logistic, svm): the torch layers they are copied
 into answer exactly as the estimators do, load from tensors alone and export to ONNX."""
 
+from dataclasses import replace
+
 import numpy as np
 import onnxruntime
 import pytest
@@ -11,7 +13,7 @@ from sklearn.model_selection import GroupKFold
 from sklearn.svm import SVC
 
 from qi.config import ModelConfig
-from qi.fit.estimators import fit_estimator_head
+from qi.fit.estimators import fit_estimator_head, fitted_by_scikit_learn, svm_fit_seconds
 from qi.models.parts import build_head
 
 VIEWS, IMAGES, DIM, TYPES = 2, 120, 16, 3
@@ -108,3 +110,17 @@ def test_an_estimator_head_needs_both_classes(features):
         fit_estimator_head(
             head, x[:, good], targets[good, 0], ModelConfig(head_kind="logistic"), True
         )
+
+
+def test_which_heads_scikit_learn_fits_and_what_a_deadline_weighs():
+    """A study does not start an svm fit its deadline would cut (it cannot stop half-way):
+    the expected seconds grow with the training copies up to the sampled maximum."""
+    frozen = ModelConfig(name="efficientnet_lite0", finetune="head")
+    assert fitted_by_scikit_learn(replace(frozen, head_kind="svm"))
+    assert fitted_by_scikit_learn(replace(frozen, head_kind="logistic"))
+    assert not fitted_by_scikit_learn(frozen)  # mlp: Lightning's epochs
+    assert not fitted_by_scikit_learn(replace(frozen, head_kind="svm", finetune="all"))
+    assert not fitted_by_scikit_learn(ModelConfig(name="cnn", head_kind="svm"))
+    assert svm_fit_seconds(100) < svm_fit_seconds(644) < svm_fit_seconds(10_000)
+    assert svm_fit_seconds(10_000) == svm_fit_seconds(100_000)  # sampled beyond the maximum
+    assert 20 < svm_fit_seconds(644) < 60  # ELPV mono's 644 training cells: 38 s measured

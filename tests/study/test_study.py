@@ -83,7 +83,7 @@ def test_best_trial_breaks_objective_ties_by_validation_loss():
 
 
 def test_default_configuration_is_a_starting_trial_when_inside_the_space():
-    params = starting_trials(RunConfig(), SearchSpace())[-1]
+    params = starting_trials(RunConfig(), SearchSpace())[-2]  # before the svm head
     assert apply_params(RunConfig(), params) == RunConfig()
     outside = starting_trials(RunConfig(), SearchSpace(image_sizes=(64,)))
     assert all(apply_params(RunConfig(), p) != RunConfig() for p in outside)
@@ -318,7 +318,7 @@ def test_heads_fitted_by_scikit_learn_sample_their_c_and_no_optimiser():
 
 def test_a_new_study_starts_cheap_then_with_qi_trains_configuration():
     space = SearchSpace(feature_stages=("none", "32", "16,32"))
-    first, staged, svm, svm_staged, hidden, hidden_staged, second = starting_trials(
+    first, staged, hidden, hidden_staged, second, svm, svm_staged = starting_trials(
         RunConfig(), space
     )
     head = apply_params(RunConfig(), first)
@@ -328,13 +328,14 @@ def test_a_new_study_starts_cheap_then_with_qi_trains_configuration():
     assert head.model.feature_stages == () and first["model.feature_stages"] == "none"
     # the same heads reading the stride 16 and 32 stages too: the same cached encoder pass
     assert apply_params(RunConfig(), staged).model.feature_stages == (16, 32)
-    assert apply_params(RunConfig(), svm).model.head_kind == "svm"
-    assert apply_params(RunConfig(), svm).model.head_c == 10.0
-    assert apply_params(RunConfig(), svm_staged).model.feature_stages == (16, 32)
     assert apply_params(RunConfig(), hidden).model.head_kind == "mlp"
     assert apply_params(RunConfig(), hidden).model.head_hidden == 256
     assert apply_params(RunConfig(), hidden_staged).model.feature_stages == (16, 32)
     assert apply_params(RunConfig(), second) == RunConfig()
+    # the dearer svm head after qi train's configuration
+    assert apply_params(RunConfig(), svm).model.head_kind == "svm"
+    assert apply_params(RunConfig(), svm).model.head_c == 10.0
+    assert apply_params(RunConfig(), svm_staged).model.feature_stages == (16, 32)
     # the default space, without staged features, starts with the last map's heads only
     assert len(starting_trials(RunConfig(), SearchSpace())) == 4
     (only,) = starting_trials(RunConfig(), SearchSpace(models=("cnn",)))
