@@ -84,14 +84,12 @@ def prepared(data_dir: Path | None, size: int):
     return prepare_data(config, progress=False)
 
 
-def stages(quick: bool) -> list[str]:
-    from sklearn.metrics import accuracy_score, roc_auc_score
-
-    from qi.data.embeddings import embeddings
+def mono_cells(quick: bool):
+    """(prepared data, its description, image size): the ELPV mono cells, or with --quick or
+    without the elpv-dataset package a synthetic stand-in."""
+    from real_data import elpv_installed, write_elpv, write_stand_in
 
     with tempfile.TemporaryDirectory(prefix="qi-heads-") as tmp:
-        from real_data import elpv_installed, write_elpv, write_stand_in
-
         folder = Path(tmp) / "cells"
         if elpv_installed() and not quick:
             write_elpv("mono", folder)
@@ -100,7 +98,15 @@ def stages(quick: bool) -> list[str]:
             write_stand_in(folder)
             source = "synthetic stand-in"
         size = 64 if quick else 224
-        data = prepared(folder, size)
+        return prepared(folder, size), source, size
+
+
+def stages(quick: bool) -> list[str]:
+    from sklearn.metrics import accuracy_score, roc_auc_score
+
+    from qi.data.embeddings import embeddings
+
+    data, source, size = mono_cells(quick)
     frame = data.frame
     training = frame["split"].isin(["train", "val"]).to_numpy()
     test = (frame["split"] == "test").to_numpy()
@@ -223,18 +229,7 @@ def heads(quick: bool) -> list[str]:
     from qi.fit.fitting import fit, out_of_fold_probabilities
     from qi.study.space import FROZEN_HEAD
 
-    with tempfile.TemporaryDirectory(prefix="qi-heads-") as tmp:
-        from real_data import elpv_installed, write_elpv, write_stand_in
-
-        folder = Path(tmp) / "cells"
-        if elpv_installed() and not quick:
-            write_elpv("mono", folder)
-            source = "ELPV mono cells, 75/25 stratified, seed 42"
-        else:
-            write_stand_in(folder)
-            source = "synthetic stand-in"
-        size = 64 if quick else 224
-        data = prepared(folder, size)
+    data, source, size = mono_cells(quick)
     base = RunConfig()
     base = replace(
         base,
@@ -252,7 +247,10 @@ def heads(quick: bool) -> list[str]:
     ]
     out_of_fold_probabilities(base, data, k)  # fills the feature cache: fits are timed alone
     default_samples = estimators.SVM_MAX_SAMPLES
+    quick_heads = ("mlp, linear", "logistic, C=0.01", "svm, C=10, 4,096 sampled copies")
     for name, fields in HEADS.items():
+        if quick and name not in quick_heads:  # one of each kind
+            continue
         fields = dict(fields)
         estimators.SVM_MAX_SAMPLES = fields.pop("samples", 10**9)  # all copies, or a sample
         config = replace(base, model=replace(base.model, **fields))
