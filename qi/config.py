@@ -170,6 +170,11 @@ class DataConfig(Checked):
 DEFAULT_HEAD_C = {"logistic": 0.01, "svm": 10.0}
 
 
+def head_c_of(kind: str, c: float | None) -> float:
+    """The C a logistic or svm head is fitted with: ``c`` (``--head-c``), or its kind's."""
+    return c if c is not None else DEFAULT_HEAD_C[kind]
+
+
 @dataclass(frozen=True)
 class ModelConfig(Checked):
     """Which network; CNN fields apply to ``name='cnn'``, ``pretrained`` and ``finetune`` to

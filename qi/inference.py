@@ -23,7 +23,7 @@ import torch
 import qi
 from qi.config import DetectorConfig, ModelConfig, from_dict
 from qi.data.preprocessing import ImageDecodeError, PreprocessConfig, decode_image, preprocess
-from qi.models import InspectionNet, build_model, is_pretrained
+from qi.models import InspectionNet, build_model, has_frozen_encoder
 from qi.models.ensemble import EnsembleNet, shared_encoder_groups
 from qi.models.patchcore import PatchCoreNet, build_detector
 from qi.models.weights import fit_state_dict
@@ -98,7 +98,7 @@ def shared_encoder_key(spec: ModelSpec) -> tuple | None:
     cached features): members with the same key have the same encoder and share its pass;
     ``None`` for an encoder that learned."""
     model = spec.model
-    if model.name == "cnn" or model.finetune != "head" or not is_pretrained(model):
+    if not has_frozen_encoder(model):
         return None
     return (model.name, model.pretrained, spec.preprocess.channels)
 

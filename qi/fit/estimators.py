@@ -30,8 +30,8 @@ from sklearn.model_selection import GroupKFold
 from sklearn.svm import SVC
 from torch import nn
 
-from qi.config import DEFAULT_HEAD_C, ModelConfig
-from qi.models import is_pretrained
+from qi.config import ModelConfig, head_c_of
+from qi.models import has_frozen_encoder
 
 CALIBRATION_FOLDS = 3
 # seconds per squared training copy of an svm head's whole fit (the SVC and its 3 calibration
@@ -91,7 +91,7 @@ def fit_estimator_head(
 def fitted_by_scikit_learn(model: ModelConfig) -> bool:
     """Whether ``model`` is a logistic or svm head on a frozen pretrained encoder: fitted at
     once, outside Lightning's epochs (nothing to stop half-way)."""
-    return model.head_kind != "mlp" and model.finetune == "head" and is_pretrained(model)
+    return model.head_kind != "mlp" and has_frozen_encoder(model)
 
 
 def svm_fit_seconds(training_images: int, views: int = 8) -> float:
@@ -103,7 +103,7 @@ def svm_fit_seconds(training_images: int, views: int = 8) -> float:
 
 def head_c(model: ModelConfig) -> float:
     """The C a logistic or svm head is fitted with: ``--head-c``, or its kind's default."""
-    return model.head_c if model.head_c is not None else DEFAULT_HEAD_C[model.head_kind]
+    return head_c_of(model.head_kind, model.head_c)
 
 
 def svm_samples(views: int, images: int, seed: int = 0) -> np.ndarray:

@@ -35,7 +35,7 @@ from qi.fit.callbacks import (
 from qi.fit.estimators import fit_estimator_head, fitted_by_scikit_learn
 from qi.fit.module import InspectionModule
 from qi.fit.precision import trainer_precision
-from qi.models import InspectionNet, build_model
+from qi.models import InspectionNet, build_model, has_frozen_encoder
 from qi.models.parts import HeadOnViews
 
 
@@ -192,13 +192,13 @@ def out_of_fold_probabilities(
     on its own fold: cross-validation of a head on a frozen encoder's cached features, which
     costs a few head fits and no encoder pass. Each fold's head starts from the seed, as the
     trial's own does."""
+    if not has_frozen_encoder(config.model):
+        raise ValueError("cross-validation is for heads on a frozen pretrained encoder")
     train = config.train
     types = defect_types_to_learn(config, data)
     net = build_model(
         config.model, data.preprocess.channels, data.preprocess.image_size, defect_types=types
     )
-    if net.finetune != "head" or not net.pretrained:
-        raise ValueError("cross-validation is for heads on a frozen pretrained encoder")
     split = [data.targets(name, types) for name in ("train", "val")]
     images = np.concatenate([s[0] for s in split])
     targets = np.concatenate([s[1] for s in split])
@@ -213,13 +213,13 @@ def out_of_fold_probabilities(
         head = build_model(
             config.model, data.preprocess.channels, data.preprocess.image_size, types
         ).head
-        head[0].set_from(torch.from_numpy(features[:, fitted].reshape(-1, features.shape[-1])))
         learner = HeadOnViews(head)
-        if fitted_by_scikit_learn(config.model):
+        if fitted_by_scikit_learn(config.model):  # it sets the standardisation itself
             fit_estimator_head(
                 head, features[:, fitted], targets[fitted], config.model, train.balance_classes
             )
         else:
+            head[0].set_from(torch.from_numpy(features[:, fitted].reshape(-1, features.shape[-1])))
             datamodule = FeatureDataModule(
                 features[:, fitted], targets[fitted], features[:views, held], targets[held],
                 config.data,

@@ -182,6 +182,12 @@ def is_pretrained(config: ModelConfig) -> bool:
     return config.name != "cnn" and config.pretrained not in (None, "", "none")
 
 
+def has_frozen_encoder(config: ModelConfig) -> bool:
+    """Whether ``config`` is a head on a frozen pretrained encoder: its features can be
+    cached, its head may be any ``--head-kind``, members with the same encoder share it."""
+    return is_pretrained(config) and config.finetune == "head"
+
+
 def build_model(
     config: ModelConfig,
     channels: int,
@@ -240,6 +246,7 @@ __all__ = [
     "WeightsNotFoundError",
     "architecture_of",
     "build_model",
+    "has_frozen_encoder",
     "is_pretrained",
     "model_names",
 ]

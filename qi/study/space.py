@@ -17,11 +17,11 @@ import optuna
 
 from qi import choices
 from qi.config import (
-    DEFAULT_HEAD_C,
     RunConfig,
     SearchSpace,
     TuneConfig,
     feature_stage_list,
+    head_c_of,
     stride_list,
 )
 from qi.storage import redacted
@@ -112,7 +112,7 @@ def _same(value: Any) -> Any:
 
 def _c_or_default(kind: str) -> Callable[[Any], float]:
     """A config's C as a trial's value: ``--head-c``, or the kind's default."""
-    return lambda c: c if c is not None else DEFAULT_HEAD_C[kind]
+    return lambda c: head_c_of(kind, c)
 
 
 def _stride_text(strides: tuple[int, ...]) -> str:

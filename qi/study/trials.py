@@ -30,7 +30,7 @@ from qi.fit import FitResult, fit
 from qi.fit.estimators import fitted_by_scikit_learn, svm_fit_seconds
 from qi.fit.fitting import out_of_fold_probabilities
 from qi.inference import ModelSpec, load_network, trained_state
-from qi.models import is_pretrained
+from qi.models import has_frozen_encoder
 from qi.models.patchcore import detector_backbone
 from qi.study.recovery import worker_id
 from qi.study.space import apply_params, suggest_params
@@ -254,9 +254,7 @@ class TrialRunner:
         return (
             self.tune.cv_folds >= 2
             and self.method == "classifier"
-            and config.model.name != "cnn"
-            and config.model.finetune == "head"
-            and is_pretrained(config.model)
+            and has_frozen_encoder(config.model)
             and objective_name(self.tune.metric) in METRIC_FUNCTIONS
         )
 
@@ -276,9 +274,9 @@ class TrialRunner:
 
     def _svm_past_deadline(self, config: RunConfig, data: PreparedData) -> bool:
         """Whether an svm head's fit, at its expected pace, would end past the deadline."""
-        if self.deadline is None or not fitted_by_scikit_learn(config.model):
+        if self.deadline is None or config.model.head_kind != "svm":
             return False
-        if config.model.head_kind != "svm":
+        if not fitted_by_scikit_learn(config.model):
             return False
         images = int((data.frame["split"] == "train").sum())
         return time.monotonic() + svm_fit_seconds(images) > self.deadline
