@@ -79,3 +79,41 @@ def test_trials_that_differ_in_stages_share_one_pass_and_see_what_the_network_co
         direct = staged.embed(torch.from_numpy(images).permute(0, 3, 1, 2)).numpy()
     assert np.allclose(features[0], direct, rtol=2e-3, atol=2e-3)  # stored as float16
     assert np.array_equal(features[0, :, :2560], cache.embeddings(last_only, images, 1)[0])
+
+
+def test_evaluation_reads_validation_from_the_cache_and_scores_test_through_the_network(
+    frozen_lite, tmp_path
+):
+    """The study's final evaluation: validation (where the threshold is chosen) as the trials
+    scored it, from the cache; the test split through the whole network, as it serves."""
+    import pandas as pd
+
+    from qi.data.datamodule import PreparedData
+    from qi.data.preprocessing import PreprocessConfig
+    from qi.evaluation.scoring import evaluate, validation_probabilities
+    from qi.inference import defect_probabilities
+
+    images = _images(3, n=10)
+    split = ["val"] * 4 + ["test"] * 6
+    frame = pd.DataFrame(
+        {
+            "image_path": [str(tmp_path / f"{i}.png") for i in range(10)],
+            "label": [0, 1] * 5,
+            "defect_type": [""] * 10,
+            "split": split,
+        }
+    )
+    data = PreparedData(frame, images, tmp_path, "folders", "ok", PreprocessConfig(64))
+    frozen_lite.eval()
+    frozen_lite.test_time_views = 2
+    cache.embeddings(frozen_lite, images[:4], views=2, progress=False)  # as a trial left it
+    encoded = []
+    frozen_lite.encoder.register_forward_hook(lambda m, args, out: encoded.append(len(out)))
+    evaluation = evaluate(frozen_lite, data, target_recall=None, threshold=0.5)
+    assert sum(encoded) == 6 * 2  # the test images' two views, nothing of validation
+    encoded.clear()
+    cached = validation_probabilities(frozen_lite, images[:4])
+    direct = defect_probabilities(frozen_lite, images[:4])
+    assert sum(encoded) == 4 * 2  # (the direct pass)
+    assert np.allclose(cached, direct, atol=2e-3)  # features stored as float16
+    assert evaluation.val_false_alarms == pytest.approx(np.mean(cached[[0, 2]] >= 0.5))
