@@ -607,7 +607,10 @@ class TuneConfig(Checked):
     sampler: str = option("tpe", "Optuna sampler.", choices=_samplers)
     pruner: str = option("median", "Optuna pruner.", choices=_pruners)
     image_size: int | None = option(
-        None, "Fix the image size (default: search the space's sizes).", check=positive
+        None,
+        "Fix every trial's image size, a pretrained backbone's or detector's too (default: "
+        "the space's sizes).",
+        check=positive,
     )
     models: tuple[str, ...] | None = option(
         None,

@@ -56,7 +56,8 @@ def resolve_study(base: RunConfig, tune: TuneConfig) -> tuple[RunConfig, TuneCon
     if tune.models:
         space = replace(space, models=tune.models)
     if tune.image_size:
-        space = replace(space, image_sizes=(tune.image_size,))
+        fixed = (tune.image_size,)  # every trial's: the CNN's and a pretrained backbone's
+        space = replace(space, image_sizes=fixed, backbone_image_sizes=fixed)
         base = replace(base, data=replace(base.data, image_size=tune.image_size))
     return base, replace(tune, space=space)
 

@@ -18,6 +18,7 @@ from qi.study.space import (
     learning_rate_range,
     load_search_space,
     params_of,
+    resolve_study,
     starting_trials,
     suggest_params,
 )
@@ -51,6 +52,20 @@ def test_params_map_onto_the_config():
     assert config.data.image_size == 96 and config.data.batch_size == 64
     assert config.model.pooling == "avg" and config.data.augmentation == "dihedral"
     assert config.data.data_dir is None  # untouched fields stay
+
+
+def test_a_fixed_image_size_holds_for_every_kind_of_trial():
+    """`qi tune --image-size 128`: the CNN's, a pretrained backbone's and a detector's trials
+    all at 128 px (the castings' own size), and the starting trials with them."""
+    base, tune = resolve_study(RunConfig(), TuneConfig(image_size=128))
+    assert tune.space.image_sizes == tune.space.backbone_image_sizes == (128,)
+    assert base.data.image_size == 128
+    for method in ("classifier", "anomaly"):
+        sizes = {
+            params.get("backbone.image_size", params.get("data.image_size"))
+            for params in starting_trials(base, tune.space, method)
+        }
+        assert sizes == {128}, method
 
 
 def test_sgd_samples_its_own_learning_rate_range():
