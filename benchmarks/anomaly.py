@@ -2,6 +2,7 @@
 
     python benchmarks/anomaly.py                         # ELPV mono cells and the castings
     python benchmarks/anomaly.py --neighbourhood 1 --strides 8,16
+    python benchmarks/anomaly.py --study 1               # also `qi tune --method anomaly`
     python benchmarks/anomaly.py --quick                 # smoke run (used by the tests)
 
 - ELPV monocrystalline cells (elpv-dataset, CC BY-NC-SA: measure, never commit), the 75/25
@@ -13,6 +14,13 @@
 Printed per data set: test ROC AUC (and per defect kind where the data names kinds),
 accuracy at the chosen threshold, fit seconds, memory-bank MB, peak memory of this process,
 and ms per image through torch, the pyfunc and ONNX Runtime (batches of 32).
+
+With ``--study 1``, after the defaults, the study a user runs on the same folder: ``qi tune
+--method anomaly`` at its default budget and search space, in a subprocess with a fresh MLflow
+store and cache (as ``benchmarks/real_data.py`` runs the supervised one), choosing the
+detector's settings on validation (where the training defects went); printed: the registered
+model's test ROC AUC and accuracy at its threshold, its settings, trials, wall time and peak
+memory.
 
 Beside it, where anomalib is installed (the ``bench`` extra), anomalib's own PatchCore
 (``PatchcoreModel``: its 3x3 feature pooling, memory bank, k-centre greedy coreset, re-weighted
@@ -175,6 +183,37 @@ def measure(
         measure_anomalib(net, data, detector)
 
 
+def measure_study(name: str, root: Path, folder: Path, quick: bool) -> None:
+    """``qi tune --method anomaly`` on ``root`` as a user runs it (see the module docstring)."""
+    import mlflow
+    from real_data import figures, run_qi
+
+    from qi.services import interpreter_env
+
+    folder.mkdir(parents=True)
+    uri = f"sqlite:///{folder / 'mlflow.db'}"
+    env = interpreter_env(MLFLOW_TRACKING_URI=uri, QI_CACHE_DIR=str(folder / "cache"))
+    command = ["tune", "--data-dir", str(root), "--method", "anomaly", "--no-progress"]
+    command += ["--experiment", "anomaly-study"]
+    if quick:
+        command += ["--n-trials", "2", "--image-size", "64"]
+    seconds, peak, _ = run_qi(command, env)
+    mlflow.set_tracking_uri(uri)
+    (parent,) = [
+        r
+        for r in mlflow.search_runs(experiment_names=["anomaly-study"], output_format="list")
+        if r.data.tags.get("qi.kind") == "tune"
+    ]
+    row = figures(parent)
+    best = {k[5:]: v for k, v in parent.data.params.items() if k.startswith("best.")}
+    trials = int(parent.data.metrics.get("trials_total", 0))
+    print(
+        f"{name}, qi tune --method anomaly (default study): test ROC AUC {row['roc_auc']:.4f}, "
+        f"accuracy at the threshold {row['acc@op']:.4f}, {trials} trials, {seconds:.0f} s, "
+        f"peak memory of the qi process {peak} MiB\n  best settings {best}"
+    )
+
+
 def main() -> None:
     args = benchmark_args(
         __doc__,
@@ -187,6 +226,7 @@ def main() -> None:
         elpv_size=224,
         castings_images=1600,
         anomalib=1,  # 0: qi's detector only (anomalib's coreset is slow at large ratios)
+        study=0,  # 1: also the default `qi tune --method anomaly` on each data set
     )
     keep_freed_memory()
     detector = DetectorConfig(
@@ -206,6 +246,8 @@ def main() -> None:
             if elpv_installed():
                 root = write_elpv("mono", Path(tmp) / "elpv")
                 measure("ELPV mono", root, args.elpv_size, detector, bool(args.anomalib))
+                if args.study or args.quick:
+                    measure_study("ELPV mono", root, Path(tmp) / "elpv-study", args.quick)
             else:
                 print("elpv-dataset is not installed: pip install -e '.[bench]'")
         if "castings" in sets:
@@ -218,6 +260,8 @@ def main() -> None:
                 progress=False,
             )
             measure("castings", root, 128, detector, bool(args.anomalib))
+            if args.study or args.quick:
+                measure_study("castings", root, Path(tmp) / "castings-study", args.quick)
 
 
 if __name__ == "__main__":
