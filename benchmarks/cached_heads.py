@@ -144,7 +144,15 @@ def types(quick: bool) -> list[str]:
     from qi.data.types import learnable_types, type_targets
 
     size = 64 if quick else 224
-    data = prepared(None, size)
+    if quick:  # 240 generated castings: the smoke run checks the code, not the figures
+        from qi.config import SynthConfig
+        from qi.data import synth
+
+        with tempfile.TemporaryDirectory(prefix="qi-types-") as tmp:
+            small = SynthConfig(n_train=200, n_test=40, image_size=size)
+            data = prepared(synth.generate(Path(tmp), small, progress=False), size)
+    else:
+        data = prepared(None, size)
     kinds = learnable_types(data.frame)
     net = frozen(types=kinds, channels=data.preprocess.channels, size=size)
     frame = data.frame
