@@ -269,7 +269,12 @@ def test_a_trial_cut_by_the_deadline_is_pruned_once_the_study_has_a_model(tiny_c
 
 def test_same_seed_same_trial_params(tiny_config):
     space = replace(
-        TuneConfig().space, image_sizes=(32,), batch_sizes=(16,), widths=(4,), depth=(2, 2)
+        TuneConfig().space,
+        image_sizes=(32,),
+        backbone_image_sizes=(32,),  # the whole space's kinds, at the tiny images' size
+        batch_sizes=(16,),
+        widths=(4,),
+        depth=(2, 2),
     )
     studies = []
     for name in ("first", "second"):
