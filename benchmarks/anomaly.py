@@ -186,7 +186,7 @@ def measure(
 def measure_study(name: str, root: Path, folder: Path, quick: bool) -> None:
     """``qi tune --method anomaly`` on ``root`` as a user runs it (see the module docstring)."""
     import mlflow
-    from real_data import figures, run_qi
+    from real_data import best_params, figures, run_qi, study_parent
 
     from qi.services import interpreter_env
 
@@ -199,13 +199,9 @@ def measure_study(name: str, root: Path, folder: Path, quick: bool) -> None:
         command += ["--n-trials", "2", "--image-size", "64"]
     seconds, peak, _ = run_qi(command, env)
     mlflow.set_tracking_uri(uri)
-    (parent,) = [
-        r
-        for r in mlflow.search_runs(experiment_names=["anomaly-study"], output_format="list")
-        if r.data.tags.get("qi.kind") == "tune"
-    ]
+    parent = study_parent("anomaly-study")
     row = figures(parent)
-    best = {k[5:]: v for k, v in parent.data.params.items() if k.startswith("best.")}
+    best = best_params(parent)
     trials = int(parent.data.metrics.get("trials_total", 0))
     print(
         f"{name}, qi tune --method anomaly (default study): test ROC AUC {row['roc_auc']:.4f}, "

@@ -263,10 +263,12 @@ def heads(quick: bool) -> list[str]:
         estimators.SVM_MAX_SAMPLES = fields.pop("samples", 10**9)  # all copies, or a sample
         config = replace(base, model=replace(base.model, **fields))
         started = time.perf_counter()
-        labels, scores = out_of_fold_probabilities(config, data, k)
-        net = fit(config, data, run_id=None, progress=False).net
+        try:
+            labels, scores = out_of_fold_probabilities(config, data, k)
+            net = fit(config, data, run_id=None, progress=False).net
+        finally:
+            estimators.SVM_MAX_SAMPLES = default_samples
         seconds = (time.perf_counter() - started) / (k + 1)
-        estimators.SVM_MAX_SAMPLES = default_samples
         tested = validation_probabilities(net, test_images)
         lines.append(
             f"| {name} | {roc_auc_score(labels, scores):.4f} | "

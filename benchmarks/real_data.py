@@ -129,6 +129,21 @@ def run_qi(arguments: list[str], env: dict[str, str]) -> tuple[float, int, str]:
     return seconds, peak_kib // 1024, done.stdout
 
 
+def study_parent(experiment: str):
+    """The parent run of the one ``qi tune`` logged in ``experiment``."""
+    (parent,) = [
+        r
+        for r in mlflow.search_runs(experiment_names=[experiment], output_format="list")
+        if r.data.tags.get("qi.kind") == "tune"
+    ]
+    return parent
+
+
+def best_params(parent) -> dict[str, str]:
+    """The best trial's settings, as the study logged them on its parent run."""
+    return {k[5:]: v for k, v in parent.data.params.items() if k.startswith("best.")}
+
+
 def figures(run) -> dict[str, float]:
     """Test figures of a run at 0.5 and at its operating threshold."""
     m = run.data.metrics
@@ -194,14 +209,10 @@ def default_study(data_dir: Path, env: dict[str, str], args) -> list[str]:
         command += ["--epochs", "2", "--image-size", "32", "--models", "cnn"]
     command += args.tune_args.split()
     seconds, peak, _ = run_qi(command, env)
-    (parent,) = [
-        r
-        for r in mlflow.search_runs(experiment_names=["bench"], output_format="list")
-        if r.data.tags.get("qi.kind") == "tune"
-    ]
+    parent = study_parent("bench")
     row = figures(parent)
     trials = int(parent.data.metrics.get("trials_total", 0))
-    best = {k[5:]: v for k, v in parent.data.params.items() if k.startswith("best.")}
+    best = best_params(parent)
     lines = [
         f"qi tune (default study{'' if not args.timeout else f', timeout {args.timeout:g} s'}"
         f"{f', {args.tune_args}' if args.tune_args else ''})",

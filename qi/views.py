@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import torch
 
+VIEWS = 8  # every flip and rotation: the training copies of a frozen encoder's features
+
 
 def dihedral_view(images: torch.Tensor, k: int) -> torch.Tensor:
     """View ``k`` (0..7) of a batch ``(N, C, H, W)`` under the square's flips and rotations,

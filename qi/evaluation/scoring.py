@@ -57,8 +57,8 @@ def evaluate(
     (:func:`~qi.evaluation.operating_point.threshold_evidence`).
 
     Validation is scored as the study's trials were (a frozen encoder's head reads the
-    feature cache: 16 of the ELPV default study's 47 s after its deadline went to an encoder
-    pass per view of validation); ``split`` always through the whole network, as it serves."""
+    feature cache: the ELPV default study's best trial, 130 validation cells x 8 views,
+    10.8 s -> 0.1 s); ``split`` always through the whole network, as it serves."""
     val_images, val_labels = data.split("val")
     val_scores = validation_probabilities(net, val_images)
     evidence = None

@@ -32,6 +32,7 @@ from torch import nn
 
 from qi.config import ModelConfig, head_c_of
 from qi.models import has_frozen_encoder
+from qi.views import VIEWS
 
 CALIBRATION_FOLDS = 3
 # seconds per squared training copy of an svm head's whole fit (the SVC and its 3 calibration
@@ -67,7 +68,7 @@ def fit_estimator_head(
     if len(np.unique(labels)) < 2:
         raise ValueError("a logistic or svm head needs good and defective training images")
     weight = "balanced" if balance else None
-    c = head_c(model)
+    c = head_c_of(model.head_kind, model.head_c)
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", category=ConvergenceWarning)
         if model.head_kind == "logistic":
@@ -94,16 +95,11 @@ def fitted_by_scikit_learn(model: ModelConfig) -> bool:
     return model.head_kind != "mlp" and has_frozen_encoder(model)
 
 
-def svm_fit_seconds(training_images: int, views: int = 8) -> float:
+def svm_fit_seconds(training_images: int, views: int = VIEWS) -> float:
     """About how long an svm head's fit takes on 2 CPU cores: what a study's deadline weighs
     before starting one (a GPU or more cores only make it shorter)."""
     rows = min(training_images * views, SVM_MAX_SAMPLES)
     return SVM_SECONDS_PER_SQUARED_ROW * rows**2
-
-
-def head_c(model: ModelConfig) -> float:
-    """The C a logistic or svm head is fitted with: ``--head-c``, or its kind's default."""
-    return head_c_of(model.head_kind, model.head_c)
 
 
 def svm_samples(views: int, images: int, seed: int = 0) -> np.ndarray:

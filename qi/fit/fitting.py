@@ -37,6 +37,7 @@ from qi.fit.module import InspectionModule
 from qi.fit.precision import trainer_precision
 from qi.models import InspectionNet, build_model, has_frozen_encoder
 from qi.models.parts import HeadOnViews
+from qi.views import VIEWS
 
 
 @dataclass
@@ -203,7 +204,7 @@ def out_of_fold_probabilities(
     images = np.concatenate([s[0] for s in split])
     targets = np.concatenate([s[1] for s in split])
     labels = (targets[:, 0] if targets.ndim == 2 else targets).astype(int)
-    features = embeddings(net, images, views=8, progress=progress)  # (8, N, D)
+    features = embeddings(net, images, views=VIEWS, progress=progress)  # (8, N, D)
     views = config.model.test_time_views
     probabilities = np.zeros(len(labels))
     splitter = StratifiedKFold(n_splits=folds, shuffle=True, random_state=train.seed)
@@ -246,7 +247,7 @@ def feature_datamodule(net, data: PreparedData, config: RunConfig, progress: boo
     standardisation is set from the training features."""
     train_images, train_labels = data.targets("train", net.defect_types)
     val_images, val_labels = data.targets("val", net.defect_types)
-    train = embeddings(net, train_images, views=8, progress=progress)
+    train = embeddings(net, train_images, views=VIEWS, progress=progress)
     val = embeddings(net, val_images, views=config.model.test_time_views, progress=progress)
     net.head[0].set_from(torch.from_numpy(train.reshape(-1, train.shape[-1])))
     return FeatureDataModule(train, train_labels, val, val_labels, config.data)
