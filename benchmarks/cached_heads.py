@@ -4,6 +4,7 @@ which head kind.
     pip install -e ".[bench]"                      # elpv-dataset for the ELPV measurements
     python benchmarks/cached_heads.py              # all three measurements
     python benchmarks/cached_heads.py --only stages   # or: types, heads
+    python benchmarks/cached_heads.py --only heads --head svm   # the heads whose name starts so
     python benchmarks/cached_heads.py --quick      # smoke run (used by the tests)
 
 Both read qi's own feature cache (:mod:`qi.data.embeddings`: EfficientNet-Lite0 at 224 px,
@@ -21,7 +22,9 @@ optimiser), so they compare the *features* and the *design*, not a training reci
   AUC and accuracy, type accuracy and macro F1 among the caught defects, 5-fold over
   train + validation (mean and spread) and on test.
 - ``heads``: the ELPV mono cells; qi's own heads (``--head-kind`` mlp, logistic, svm, at
-  several C) through qi's own code: 5-fold out-of-fold figures over train + validation
+  several C, the svm on a sample of its copies and on the stride 16 and 32 stages too;
+  ``--head`` keeps the rows whose name starts with it) through qi's own code: 5-fold
+  out-of-fold figures over train + validation
   (:func:`qi.fit.fitting.out_of_fold_probabilities`, what ``--cv-folds 5`` scores a trial
   by) and the test split's after qi's fit on train (early stopping on validation); seconds
   per fit once the features are cached.
@@ -32,6 +35,7 @@ from __future__ import annotations
 import os
 import tempfile
 import time
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -223,10 +227,14 @@ HEADS = {
         f"svm, C=10, {n:,} sampled copies": {"head_kind": "svm", "head_c": 10.0, "samples": n}
         for n in (4096, 2600)
     },
-}
+    # the stride 16 and 32 stages' pooled features beside the last map's (--feature-stages)
+    "svm, C=10, all copies, + strides 16, 32": {
+        "head_kind": "svm", "head_c": 10.0, "feature_stages": (16, 32)
+    },
+}  # fmt: skip
 
 
-def heads(quick: bool) -> list[str]:
+def heads(quick: bool, only: str = "") -> list[str]:
     from dataclasses import replace
 
     from sklearn.metrics import accuracy_score, roc_auc_score
@@ -259,6 +267,8 @@ def heads(quick: bool) -> list[str]:
     for name, fields in HEADS.items():
         if quick and name not in quick_heads:  # one of each kind
             continue
+        if not name.startswith(only):
+            continue
         fields = dict(fields)
         estimators.SVM_MAX_SAMPLES = fields.pop("samples", 10**9)  # all copies, or a sample
         config = replace(base, model=replace(base.model, **fields))
@@ -280,10 +290,11 @@ def heads(quick: bool) -> list[str]:
 
 
 def main() -> None:
-    args = benchmark_args(__doc__, quick={}, only="")
+    args = benchmark_args(__doc__, quick={}, only="", head="")
     os.environ.setdefault("QI_CACHE_DIR", tempfile.mkdtemp(prefix="qi-heads-cache-"))
     print(f"machine: {os.cpu_count()} CPUs; cache {os.environ['QI_CACHE_DIR']}")
-    for name, measure in (("stages", stages), ("types", types), ("heads", heads)):
+    measures = (("stages", stages), ("types", types), ("heads", partial(heads, only=args.head)))
+    for name, measure in measures:
         if args.only in ("", name):
             for line in measure(args.quick):
                 print(line, flush=True)
