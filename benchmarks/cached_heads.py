@@ -234,18 +234,19 @@ HEADS = {
 }  # fmt: skip
 
 
-def fill_feature_cache(data, size: int) -> None:
-    """Computes the frozen encoder's features of every array the heads' fits read (train and
-    validation together for the folds, each alone for the fit, test for its scores), so no
-    row's seconds include an encoder pass. The cache is keyed by the arrays' pixels, so
-    these must be the very arrays qi's fit and cross-validation pass."""
+def fill_feature_cache(model, data) -> None:
+    """Computes the frozen encoder's features of every array the heads' fits read (the
+    train and validation splits, which the folds read too, and test for the scores), so no
+    row's seconds include an encoder pass. The cache is keyed by the arrays' pixels and the
+    encoder's weights, so these must be the very arrays qi's fit and cross-validation pass,
+    through the encoder of the same ``model`` config they build."""
     from qi.data.embeddings import embeddings
+    from qi.models import build_model
     from qi.views import VIEWS
 
-    net = frozen(channels=data.preprocess.channels, size=size)
-    train, val, test = (data.split(name)[0] for name in ("train", "val", "test"))
-    for images in (np.concatenate([train, val]), train, val, test):
-        embeddings(net, images, views=VIEWS, progress=False)
+    net = build_model(model, data.preprocess.channels, data.preprocess.image_size)
+    for split in ("train", "val", "test"):
+        embeddings(net, data.split(split)[0], views=VIEWS, progress=False)
 
 
 def heads(quick: bool, only: str = "") -> list[str]:
@@ -275,7 +276,7 @@ def heads(quick: bool, only: str = "") -> list[str]:
         "seconds per fit |",
         "| --- | --- | --- | --- | --- | --- |",
     ]
-    fill_feature_cache(data, size)  # every row's fits are then timed alone
+    fill_feature_cache(base.model, data)  # every row's fits are then timed alone
     default_samples = estimators.SVM_MAX_SAMPLES
     quick_heads = ("mlp, linear", "logistic, C=0.01", "svm, C=10, 4,096 sampled copies")
     for name, fields in HEADS.items():

@@ -201,10 +201,13 @@ def out_of_fold_probabilities(
         config.model, data.preprocess.channels, data.preprocess.image_size, defect_types=types
     )
     split = [data.targets(name, types) for name in ("train", "val")]
-    images = np.concatenate([s[0] for s in split])
     targets = np.concatenate([s[1] for s in split])
     labels = (targets[:, 0] if targets.ndim == 2 else targets).astype(int)
-    features = embeddings(net, images, views=VIEWS, progress=progress)  # (8, N, D)
+    # each split's features under its own cache key, as the trial's fit reads them
+    # (:func:`feature_datamodule`): the folds then cost no encoder pass of their own
+    features = np.concatenate(
+        [embeddings(net, s[0], views=VIEWS, progress=progress) for s in split], axis=1
+    )  # (8, N, D)
     views = config.model.test_time_views
     probabilities = np.zeros(len(labels))
     splitter = StratifiedKFold(n_splits=folds, shuffle=True, random_state=train.seed)
